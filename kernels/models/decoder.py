@@ -1,0 +1,202 @@
+"""The shared Llama-family decoder that every strategy trains.
+
+Parameter names match transformers' *ForCausalLM state_dict keys, so checkpoints load
+and export without renaming. Every fused op goes through `self.ops` (the PyTorch
+reference or Triton, see kernels.dispatch); attention is PyTorch SDPA. Each block in
+`model.layers` is a self-contained module so FSDP2 can shard it on its own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kernels.dispatch import REFERENCE_OPS, Ops
+from kernels.models.config import DecoderConfig
+from kernels.models.rope import rope_cos_sin, rope_parameters
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        q_out = config.num_attention_heads * config.head_dim
+        kv_out = config.num_key_value_heads * config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_out, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_out, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+
+    def forward(self, x_BTD, cos_BTd, sin_BTd, mask_B1TT, ops: Ops) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q_BTHd = self.q_proj(x_BTD).view(B, T, -1, self.head_dim)
+        k_BTKd = self.k_proj(x_BTD).view(B, T, -1, self.head_dim)
+        v_BTKd = self.v_proj(x_BTD).view(B, T, -1, self.head_dim)
+        if self.qk_norm:
+            q_BTHd, k_BTKd = self.q_norm(q_BTHd, ops), self.k_norm(k_BTKd, ops)
+        q_BTHd, k_BTKd = ops.apply_rope(q_BTHd, k_BTKd, cos_BTd, sin_BTd)
+        out_BHTd = F.scaled_dot_product_attention(
+            q_BTHd.transpose(1, 2),
+            k_BTKd.transpose(1, 2),
+            v_BTKd.transpose(1, 2),
+            attn_mask=mask_B1TT,
+            is_causal=mask_B1TT is None,
+            scale=self.head_dim**-0.5,
+            enable_gqa=True,
+        )
+        return self.o_proj(out_BHTd.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)); the second add and norm are fused."""
+
+    def __init__(self, config: DecoderConfig, ops: Ops):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ops = ops
+
+    def forward(self, hidden_BTD, cos_BTd, sin_BTd, mask_B1TT=None) -> torch.Tensor:
+        attn_BTD = self.self_attn(self.input_layernorm(hidden_BTD, self.ops), cos_BTd, sin_BTd, mask_B1TT, self.ops)
+        norm = self.post_attention_layernorm
+        hidden_BTD, normed_BTD = self.ops.add_rms_norm(hidden_BTD, attn_BTD, norm.weight, norm.eps)
+        return hidden_BTD + self.mlp(normed_BTD, self.ops)
+
+
+class DecoderModel(nn.Module):
+    """Holds what transformers keeps under `model.`: embeddings, blocks, final norm."""
+
+    def __init__(self, config: DecoderConfig, ops: Ops):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderBlock(config, ops) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, config: DecoderConfig, ops: Ops = REFERENCE_OPS):
+        super().__init__()
+        self.config = config
+        self.ops = ops
+        self.model = DecoderModel(config, ops)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.activation_checkpointing = False
+        inv_freq, self.rope_attention_scaling = rope_parameters(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.init_weights()
+
+    def set_ops(self, ops: Ops) -> None:
+        self.ops = ops
+        for block in self.model.layers:
+            block.ops = ops
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in backward instead of keeping its activations (training only)."""
+        self.activation_checkpointing = enabled
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """transformers' initialisation: N(0, initializer_range) weights, zero biases and pad row, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        padding_idx = self.model.embed_tokens.padding_idx
+        if padding_idx is not None:
+            self.model.embed_tokens.weight[padding_idx].zero_()
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """Recompute inv_freq in float32 on `device` (default: where it is), e.g. after a meta-device build."""
+        inv_freq, _ = rope_parameters(self.config)
+        self.inv_freq = inv_freq.to(device or self.inv_freq.device)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype), .bfloat16() (DeepSpeed) and .to_empty() would also cast or blank the
+        # RoPE frequencies; recomputing them keeps RoPE exact in float32 on any device.
+        super()._apply(fn, recurse)
+        self.reset_rope()
+        return self
+
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None) -> torch.Tensor:
+        """[B, T, D] after the final norm."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        if self.inv_freq.is_meta:
+            raise RuntimeError("DecoderLM.inv_freq is on the meta device: call reset_rope(device) after loading")
+        cos_BTd, sin_BTd = rope_cos_sin(self.inv_freq, position_ids, self.rope_attention_scaling)
+        mask_B1TT = attention_mask(T, document_ids, self.config.sliding_window, input_ids.device)
+        hidden_BTD = self.model.embed_tokens(input_ids)
+        for block in self.model.layers:
+            if self.activation_checkpointing and self.training:
+                hidden_BTD = checkpoint(block, hidden_BTD, cos_BTd, sin_BTd, mask_B1TT, use_reentrant=False)
+            else:
+                hidden_BTD = block(hidden_BTD, cos_BTd, sin_BTd, mask_B1TT)
+        return self.model.norm(hidden_BTD, self.ops)
+
+    def forward(self, input_ids, labels, position_ids=None, document_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, number of target tokens); labels are already shifted (-100 = no target)."""
+        hidden_BTD = self.hidden_states(input_ids, position_ids, document_ids)
+        return self.ops.linear_cross_entropy(
+            hidden_BTD.flatten(0, 1), self.lm_head.weight, labels.flatten()
+        )
+
+    def logits(self, input_ids, position_ids=None, document_ids=None) -> torch.Tensor:
+        """[B, T, V] float32."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, document_ids)).float()
+
+
+def attention_mask(
+    T: int, document_ids_BT: torch.Tensor | None, sliding_window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean [B or 1, 1, T, T] (True = attend), or None when plain causal attention suffices.
+
+    Packed sequences attend only within their own document; Mistral's window limits
+    how far back a query sees (query - key < window, as transformers counts it).
+    """
+    windowed = sliding_window is not None and T > sliding_window
+    if document_ids_BT is None and not windowed:
+        return None
+    idx = torch.arange(T, device=device)
+    distance_TT = idx[:, None] - idx[None, :]
+    mask_TT = distance_TT >= 0
+    if windowed:
+        mask_TT &= distance_TT < sliding_window
+    if document_ids_BT is None:
+        return mask_TT[None, None]
+    same_doc_BTT = document_ids_BT[:, :, None] == document_ids_BT[:, None, :]
+    return (mask_TT & same_doc_BTT)[:, None]

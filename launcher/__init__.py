@@ -1,0 +1,1 @@
+"""Slipstream's launcher: config, topology, effective batch, data, train loop, metrics, export."""

@@ -1,0 +1,208 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+OmegaConf checks keys and types when the YAML files and the overrides are merged
+into these dataclasses; `__post_init__` checks values when the composed config is
+turned into objects (`to_object`). Every failure names the key and the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+PRECISIONS = ("auto", "fp32", "bf16_autocast", "bf16")
+SCHEDULES = ("cosine", "linear", "constant")
+LR_SCALING_RULES = ("none", "linear", "sqrt")
+DATA_FORMATS = ("text", "prompt_completion", "chat", "alpaca")
+STRATEGIES = ("single",)
+PEFT_METHODS = ("none",)
+CHECKPOINTING = ("none", "full")
+OVERLONG = ("truncate", "drop")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {message}")
+
+
+def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
+    _require(value in choices, key, f"got {value!r}; choose one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture for random init; with `path` it comes from the directory's config.json."""
+
+    name: str = "tiny"
+    path: Optional[str] = None
+    tokenizer: Optional[str] = None  # defaults to `path`, or the bundled tokenizer
+    kernels: str = "auto"
+    model_type: str = "llama"
+    vocab_size: int = 0  # 0: the tokenizer's size
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    qk_norm: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        _one_of(self.kernels, ("auto", "triton", "torch"), "model.kernels")
+        _one_of(self.model_type, MODEL_TYPES, "model.model_type")
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads"):
+            _require(getattr(self, key) > 0, f"model.{key}", "must be > 0")
+        _require(self.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = the tokenizer's size)")
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"
+
+    def __post_init__(self) -> None:
+        _one_of(self.method, PEFT_METHODS, "peft.method")
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token sequences."""
+
+    name: str = "demo"
+    format: str = "prompt_completion"
+    path: Optional[str] = None  # a file or directory; None: the bundled demo data
+    eval_path: Optional[str] = None
+    eval_fraction: float = 0.0  # held out from `path` when there is no eval_path
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    train_on_prompt: bool = False
+    overlong: str = "truncate"
+    max_eval_examples: int = 512
+    eval_exact_match: bool = False  # greedy-decode the eval completions and count exact matches
+
+    def __post_init__(self) -> None:
+        _one_of(self.format, DATA_FORMATS, "data.format")
+        _one_of(self.overlong, OVERLONG, "data.overlong")
+        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+        _require(self.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
+        _require(self.path is not None or self.name == "demo", "data.path",
+                 f"required for data={self.name}; pass data.path=<file or directory>")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "single"
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, STRATEGIES, "strategy.name")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    lr_scaling: str = "none"  # scale lr with the global batch against reference_batch_size
+    reference_batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, ("adamw",), "optim.name")
+        _one_of(self.schedule, SCHEDULES, "optim.schedule")
+        _one_of(self.lr_scaling, LR_SCALING_RULES, "optim.lr_scaling")
+        _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+                 "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        _require(self.lr_scaling == "none" or self.reference_batch_size > 0, "optim.reference_batch_size",
+                 f"must be > 0 when optim.lr_scaling={self.lr_scaling}")
+
+
+@dataclass
+class TrainerConfig:
+    global_batch_size: int = 64  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one device
+    seq_len: int = 2048
+    max_steps: int = 100
+    precision: str = "auto"  # auto: bf16_autocast on GPUs that have bf16, else fp32
+    grad_clip: float = 1.0  # 0 disables clipping
+    activation_checkpointing: str = "none"
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 42
+    deterministic: bool = False
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate once, at the end
+    save_every: int = 0  # 0: save once, at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | PATH of a checkpoint
+    export_hf: bool = True  # write a Hugging Face directory at the end
+
+    def __post_init__(self) -> None:
+        for key in ("global_batch_size", "micro_batch_size", "seq_len", "max_steps", "log_every", "keep_last"):
+            _require(getattr(self, key) > 0, f"trainer.{key}", "must be > 0")
+        _require(self.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0 = at the end only)")
+        _require(self.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = at the end only)")
+        _require(self.grad_clip >= 0, "trainer.grad_clip", "must be >= 0 (0 disables clipping)")
+        _one_of(self.precision, PRECISIONS, "trainer.precision")
+        _one_of(self.activation_checkpointing, CHECKPOINTING, "trainer.activation_checkpointing")
+        _one_of(self.device, ("auto", "cpu", "cuda"), "trainer.device")
+        _require(self.global_batch_size % self.micro_batch_size == 0, "trainer.global_batch_size",
+                 f"{self.global_batch_size} is not a multiple of trainer.micro_batch_size="
+                 f"{self.micro_batch_size}")
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    nproc_per_node: int = 1
+    nnodes: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.nproc_per_node == 1 and self.nnodes == 1, "cluster.nproc_per_node",
+                 "only one process is supported until the strategies land; use 1")
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "console"
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.cluster.nproc_per_node * self.cluster.nnodes
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)
