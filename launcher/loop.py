@@ -80,9 +80,34 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def train_step(model, strategy, micro_batches: list[dict], precision: Precision, pad_id: int,
+               grad_clip: float) -> tuple[float, torch.Tensor, int]:
+    """One optimizer step over this rank's micro-batches: (loss, grad norm, global non-pad tokens).
+
+    The target count of the whole step, over all ranks, is known before the first
+    backward, so every micro-batch's loss sum is divided by the same number.
+    """
+    device = strategy.device
+    local_targets = sum((b["labels"] != IGNORE_INDEX).sum() for b in micro_batches)
+    local_tokens = sum((b["input_ids"] != pad_id).sum() for b in micro_batches)
+    global_targets, global_tokens = strategy.all_reduce_sum(torch.stack([local_targets, local_tokens]).to(device))
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with strategy.accumulate(is_last=i == len(micro_batches) - 1):
+            with precision.autocast():
+                micro_loss_sum, _ = model(**batch)
+            strategy.backward(micro_loss_sum, global_targets)
+        loss_sum += micro_loss_sum.detach().float()
+    grad_norm = strategy.step(grad_clip)
+    loss = (strategy.all_reduce_sum(loss_sum) / global_targets.clamp(min=1)).item()
+    return loss, grad_norm, int(global_tokens)
+
+
 def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     """Run one training job into `run_dir`; returns the summary (also written to summary.json)."""
     topology = topology or Topology.from_env()
+    run_dir.mkdir(parents=True, exist_ok=True)
     device = topology.device(cfg.trainer.device)
     precision = Precision.resolve(cfg.trainer.precision, device)
     plan = BatchPlan.resolve(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, topology.world_size)
@@ -134,24 +159,11 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
         micro_batches = [collate([train_set[i] for i in idx], pad_id)
                          for idx in sampler.micro_batches(step, topology.rank, topology.world_size,
                                                           plan.micro_batch_size)]
-        local_targets = sum((b["labels"] != IGNORE_INDEX).sum() for b in micro_batches)
-        local_tokens = sum((b["input_ids"] != pad_id).sum() for b in micro_batches)
-        counts = strategy.all_reduce_sum(torch.stack([local_targets, local_tokens]).to(device))
-        global_targets, global_tokens = counts[0], counts[1]
-
-        loss_sum = torch.zeros((), device=device)
-        for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with strategy.accumulate(is_last=i == len(micro_batches) - 1):
-                with precision.autocast():
-                    micro_loss_sum, _ = model(**batch)
-                strategy.backward(micro_loss_sum, global_targets)
-            loss_sum += micro_loss_sum.detach().float()
-        grad_norm = strategy.step(cfg.trainer.grad_clip)
+        loss, grad_norm, global_tokens = train_step(model, strategy, micro_batches, precision, pad_id,
+                                                    cfg.trainer.grad_clip)
         step_lr = scheduler.get_last_lr()[0]
         scheduler.step()
 
-        loss = (strategy.all_reduce_sum(loss_sum) / global_targets.clamp(min=1)).item()
         step_time = time.perf_counter() - step_start
         state["tokens"] += int(global_tokens)
         tokens_this_run += int(global_tokens)
