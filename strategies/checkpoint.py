@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 log = logging.getLogger(__name__)
+# A single process without a process group is a supported case, not a mistake.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 COMMIT_MARKER = "COMMITTED"
 TRAINER_STATE = "trainer.json"
