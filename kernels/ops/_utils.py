@@ -36,12 +36,15 @@ def _sm_count(device_index: int) -> int:
 
 
 def persistent_programs(device: torch.device, n_rows: int) -> int:
-    """Programs for a persistent (grid-stride) reduction: one per SM on CUDA.
+    """Programs for a persistent (grid-stride) reduction: four per SM on CUDA.
 
+    One program per SM walks its rows one at a time and leaves the memory system
+    idle between loads (the H100 profile showed the RMSNorm backward at a third of
+    the bandwidth); four in flight per SM hide that latency for a few MB of partials.
     On CPU (Triton's interpreter) a handful is enough and keeps tests fast.
     """
     if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        sms = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = 4
     return max(1, min(n_rows, sms))

@@ -1,8 +1,8 @@
 """Fused lm_head + cross-entropy (twin: reference.linear_cross_entropy).
 
 The [N, V] logits are never materialised whole. Tokens are processed in chunks of C
-rows, C chosen so a [C, V] fp32 block stays under LOGITS_CHUNK_BYTES (256 MiB; 512
-rows at V = 128k). For each chunk, in the forward:
+rows, C chosen so the [C, V] block in the input dtype stays under LOGITS_CHUNK_BYTES
+(512 MiB; 2048 rows at V = 128k in bf16). For each chunk, in the forward:
   1. logits = h_chunk @ W^T (cuBLAS, in the input dtype like the reference's matmul,
      into one reused [C, V] buffer);
   2. one Triton program per row does an online-softmax pass for the log-sum-exp and
@@ -12,13 +12,15 @@ rows at V = 128k). For each chunk, in the forward:
 Gradients are thus finished in the forward (as Liger does) and the backward only
 scales them by the upstream gradient of loss_sum (a Triton kernel, in place).
 
-grad_W is accumulated in fp32 when W is 16-bit and there is more than one chunk
-(bf16 accumulation would round once per chunk), then cast to W's dtype once:
-peak extra memory V*D*4 bytes. A frozen W (LoRA) gets no grad_W at all, and a
-hidden that does not require grad gets no grad_h GEMM.
+grad_W accumulates in W's own dtype, inside the GEMM (beta = 1: fp32 arithmetic,
+one rounding per chunk). Large chunks keep that to a few roundings and keep the
+GEMMs efficient; an fp32 accumulator would cost V*D*4 bytes (1 GiB for a 128k x 2k
+head) and twice the memory traffic per chunk, which profiling showed dominated the
+op. A frozen W (LoRA) gets no grad_W at all, and a hidden that does not require
+grad gets no grad_h GEMM.
 
-Memory beyond the inputs: the [C, V] buffer (input dtype), grad_h [N, D], the grad_W
-accumulator, and a [N] fp32 per-token loss.
+Memory beyond the inputs and grad_W: the [C, V] buffer (input dtype), grad_h [N, D]
+and a [N] fp32 per-token loss.
 """
 from __future__ import annotations
 
@@ -28,16 +30,14 @@ import triton.language as tl
 
 IGNORE_INDEX = -100
 
-# Budget for one chunk of logits counted as fp32 (the buffer itself is in the input
-# dtype, so bf16 uses half of it). Tests shrink it to exercise the chunk loop.
-LOGITS_CHUNK_BYTES = 256 * 2**20
+# Budget for the [C, V] logits buffer in the input dtype: 512 MiB is 2048 rows of a
+# 128k vocabulary in bf16. Tests shrink it to exercise the chunk loop.
+LOGITS_CHUNK_BYTES = 512 * 2**20
 # Vocabulary tile of the softmax passes: 4096 fp32 over 8 warps, 16 values/thread.
 _BLOCK_V = 4096
 _CE_NUM_WARPS = 8
 # In-place gradient scaling in the backward.
 _SCALE_BLOCK = 4096
-# Whether this torch build accumulates a 16-bit GEMM into an fp32 tensor (probed once).
-_FP32_ADDMM = True
 
 
 @triton.jit
@@ -84,8 +84,8 @@ def _linear_cross_entropy_bwd_kernel(GRAD, SCALE, n, BLOCK: tl.constexpr):
     tl.store(GRAD + offs, (g * scale).to(GRAD.dtype.element_ty), mask=mask)
 
 
-def _chunk_rows(n_rows: int, vocab: int) -> int:
-    rows = max(1, LOGITS_CHUNK_BYTES // (vocab * 4))
+def _chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
+    rows = max(1, LOGITS_CHUNK_BYTES // (vocab * itemsize))
     if rows >= 128:
         rows -= rows % 128  # whole GEMM tiles
     return max(1, min(n_rows, rows))
@@ -110,23 +110,6 @@ def _scale_(grad, scale):
     return grad
 
 
-def _addmm_fp32_(acc, a, b, beta):
-    """acc = beta * acc + a @ b with acc fp32 and a, b 16-bit."""
-    global _FP32_ADDMM
-    if _FP32_ADDMM and acc.is_cuda:
-        try:  # one cuBLAS GEMM with an fp32 C (torch builds whose addmm.dtype_out takes an fp32 self)
-            torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
-            return
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError):  # older builds insist on a 16-bit self: fall back for good
-            _FP32_ADDMM = False
-    if beta == 0.0:
-        acc.copy_(a @ b)
-    else:
-        acc.add_(a @ b)
-
-
 def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw):
     """(loss_sum, n_tokens, grad_h, grad_W); the grads are for an upstream gradient of 1."""
     n_rows, _ = hidden.shape
@@ -137,16 +120,13 @@ def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw):
         "linear_cross_entropy: a label is outside [0, vocab) and is not ignore_index",
     )
     loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # every row is written
-    chunk = _chunk_rows(n_rows, vocab)
-    n_chunks = triton.cdiv(n_rows, chunk)
+    chunk = _chunk_rows(n_rows, vocab, hidden.element_size())
     logits_buf = torch.empty((min(chunk, n_rows), vocab), dtype=hidden.dtype, device=hidden.device)
     grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_dh else None
-    acc = None
+    grad_w = None
     if need_dw:
-        # One chunk, or fp32/fp64 weights: accumulate straight into grad_W.
-        direct = n_chunks <= 1 or weight.dtype not in (torch.bfloat16, torch.float16)
-        acc_dtype = weight.dtype if direct else torch.float32
-        acc = (torch.zeros if n_rows == 0 else torch.empty)(weight.shape, dtype=acc_dtype, device=weight.device)
+        grad_w = (torch.zeros if n_rows == 0 else torch.empty)(weight.shape, dtype=weight.dtype,
+                                                                device=weight.device)
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
         h = hidden[start:end]
@@ -156,14 +136,8 @@ def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw):
         if need_dh:
             torch.mm(logits, weight, out=grad_h[start:end])
         if need_dw:
-            beta = 0.0 if start == 0 else 1.0  # the first chunk overwrites the empty accumulator
-            if acc.dtype == logits.dtype:
-                acc.addmm_(logits.t(), h, beta=beta)
-            else:
-                _addmm_fp32_(acc, logits.t(), h, beta)
-    grad_w = None
-    if need_dw:
-        grad_w = acc if acc.dtype == weight.dtype else acc.to(weight.dtype)
+            beta = 0.0 if start == 0 else 1.0  # the first chunk overwrites the empty buffer
+            grad_w.addmm_(logits.t(), h, beta=beta)
     return loss.sum(), valid.sum(), grad_h, grad_w
 
 
@@ -171,7 +145,8 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss_sum, n_tokens, grad_h, grad_w = _forward(hidden, weight, labels, ignore_index, need_dh, need_dw)
+        with torch.autocast(hidden.device.type, enabled=False):  # operands are cast already; keep out= GEMMs
+            loss_sum, n_tokens, grad_h, grad_w = _forward(hidden, weight, labels, ignore_index, need_dh, need_dw)
         ctx.grads = (grad_h, grad_w)  # intermediates, not inputs: kept on ctx
         ctx.mark_non_differentiable(n_tokens)
         return loss_sum, n_tokens
@@ -208,6 +183,12 @@ def linear_cross_entropy(
             f"weight {tuple(weight_VD.shape)}, labels {tuple(labels_N.shape)}"
         )
     labels = labels_N.contiguous()
+    device_type = hidden_ND.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As autocast would run the lm_head matmul: both operands in the autocast dtype
+        # (the casts are autograd ops, so an fp32 master weight still gets its gradient).
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden_ND, weight_VD = hidden_ND.to(dtype), weight_VD.to(dtype)
     if torch.is_grad_enabled() and (hidden_ND.requires_grad or weight_VD.requires_grad):
         return _LinearCrossEntropyFn.apply(hidden_ND, weight_VD, labels, int(ignore_index))
     loss_sum, n_tokens, _, _ = _forward(hidden_ND, weight_VD, labels, int(ignore_index), False, False)
