@@ -533,9 +533,9 @@ def table(rows: list[dict]) -> str:
 
 
 def run_tests(out: Path, timeout: float) -> None:
-    print("== tests/test_ops.py on this device", flush=True)
+    print("== tests/test_ops.py tests/test_model_kernels.py on this device", flush=True)
     t0 = time.time()
-    cmd = [sys.executable, "-m", "pytest", "tests/test_ops.py", "-q", "-rfEs", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "tests/test_ops.py", "tests/test_model_kernels.py", "-q", "-rfEs", "-p", "no:cacheprovider"]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
         text, rc = p.stdout + p.stderr, p.returncode
@@ -555,7 +555,7 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true", help="also run 8b-lora (HF + peft and Liger; Slipstream has no LoRA)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per row (>= 10 for reported numbers)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--tests", action="store_true", help="first run tests/test_ops.py here -> test_ops_gpu.txt")
+    ap.add_argument("--tests", action="store_true", help="first run the kernel tests here -> test_ops_gpu.txt")
     ap.add_argument("--tests-timeout", type=float, default=200)
     ap.add_argument("--profile", action="store_true", help="profile 3 Slipstream 1b-full steps -> profile_1b.txt")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU in seconds (no GPU needed)")

@@ -74,7 +74,12 @@ class MLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)); the second add and norm are fused."""
+    """Pre-norm block taking and returning the residual stream as (residual, delta).
+
+    The block's input is residual + delta; that add is fused into the input norm
+    (ops.add_rms_norm), and the MLP output is handed on unsummed, so every residual
+    add in the model runs inside a norm kernel, forward and backward.
+    """
 
     def __init__(self, config: DecoderConfig, ops: Ops):
         super().__init__()
@@ -84,11 +89,18 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ops = ops
 
-    def forward(self, hidden_BTD, cos_BTd, sin_BTd, mask_B1TT=None) -> torch.Tensor:
-        attn_BTD = self.self_attn(self.input_layernorm(hidden_BTD, self.ops), cos_BTd, sin_BTd, mask_B1TT, self.ops)
-        norm = self.post_attention_layernorm
-        hidden_BTD, normed_BTD = self.ops.add_rms_norm(hidden_BTD, attn_BTD, norm.weight, norm.eps)
-        return hidden_BTD + self.mlp(normed_BTD, self.ops)
+    def forward(self, residual_BTD, delta_BTD, cos_BTd, sin_BTd, mask_B1TT=None):
+        hidden_BTD, normed_BTD = add_then_norm(residual_BTD, delta_BTD, self.input_layernorm, self.ops)
+        attn_BTD = self.self_attn(normed_BTD, cos_BTd, sin_BTd, mask_B1TT, self.ops)
+        hidden_BTD, normed_BTD = add_then_norm(hidden_BTD, attn_BTD, self.post_attention_layernorm, self.ops)
+        return hidden_BTD, self.mlp(normed_BTD, self.ops)
+
+
+def add_then_norm(residual, delta, norm: RMSNorm, ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + delta, norm(residual + delta)); delta None means nothing to add."""
+    if delta is None:
+        return residual, norm(residual, ops)
+    return ops.add_rms_norm(residual, delta, norm.weight, norm.eps)
 
 
 class DecoderModel(nn.Module):
@@ -160,13 +172,17 @@ class DecoderLM(nn.Module):
             raise RuntimeError("DecoderLM.inv_freq is on the meta device: call reset_rope(device) after loading")
         cos_BTd, sin_BTd = rope_cos_sin(self.inv_freq, position_ids, self.rope_attention_scaling)
         mask_B1TT = attention_mask(T, document_ids, self.config.sliding_window, input_ids.device)
-        hidden_BTD = self.model.embed_tokens(input_ids)
+        residual_BTD, delta_BTD = self.model.embed_tokens(input_ids), None
         for block in self.model.layers:
             if self.activation_checkpointing and self.training:
-                hidden_BTD = checkpoint(block, hidden_BTD, cos_BTd, sin_BTd, mask_B1TT, use_reentrant=False)
+                # A checkpoint keeps its inputs: hand it one summed tensor, not two.
+                if delta_BTD is not None:
+                    residual_BTD, delta_BTD = residual_BTD + delta_BTD, None
+                residual_BTD, delta_BTD = checkpoint(block, residual_BTD, delta_BTD, cos_BTd, sin_BTd, mask_B1TT,
+                                                     use_reentrant=False)
             else:
-                hidden_BTD = block(hidden_BTD, cos_BTd, sin_BTd, mask_B1TT)
-        return self.model.norm(hidden_BTD, self.ops)
+                residual_BTD, delta_BTD = block(residual_BTD, delta_BTD, cos_BTd, sin_BTd, mask_B1TT)
+        return add_then_norm(residual_BTD, delta_BTD, self.model.norm, self.ops)[1]
 
     def forward(self, input_ids, labels, position_ids=None, document_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token losses, number of target tokens); labels are already shifted (-100 = no target)."""
