@@ -1,6 +1,12 @@
-"""`launch`: compose and validate once, then run the job under Hydra (one process) or exit with one line."""
+"""`launch`: compose and validate once, then run the job under Hydra (one process) or exit with one line.
+
+With cluster.nproc_per_node > 1 the job runs under torchrun, started here on the
+resolved config in the run directory; launch exits with torchrun's exit code.
+"""
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,11 +40,25 @@ def _run(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         config = to_config(cfg)
-        write_resolved_config(cfg, run_dir)
+        resolved = write_resolved_config(cfg, run_dir)
+        if config.world_size > 1 and "WORLD_SIZE" not in os.environ:
+            return _spawn(config, resolved)
         return train(config, run_dir)
     except ValueError as err:  # user errors found only while setting up (data files, checkpoints)
         print(f"launch: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _spawn(config, resolved: Path) -> dict:
+    """torchrun with cluster.nproc_per_node workers on the resolved config; its exit code is ours."""
+    from launcher.spawn import run_torchrun
+
+    code = run_torchrun(resolved, config.cluster.nproc_per_node)
+    if code != 0:
+        print(f"launch: error: torchrun exited with code {code} (run dir {resolved.parent})", file=sys.stderr)
+        raise SystemExit(code)
+    summary = resolved.parent / "summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else {}
 
 
 def main(argv: list[str] | None = None) -> None:

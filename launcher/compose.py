@@ -6,7 +6,9 @@ behind: every job of a sweep is composed and checked first.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -17,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from launcher.config import Config, register_schemas
+from launcher.data import is_hub_name
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -51,7 +54,72 @@ def to_config(cfg: DictConfig) -> Config:
     except (OmegaConfBaseException, ValueError) as err:
         raise ConfigError(_one_line(err)) from None
     _check_paths(config)
+    _check_strategy(config)
     return config
+
+
+def effective_world_size(config: Config) -> int:
+    """Under torchrun/srun the environment says; otherwise the cluster config (what `launch` will start)."""
+    return int(os.environ.get("WORLD_SIZE", config.world_size))
+
+
+def _check_strategy(config: Config) -> None:
+    """Strategy x cluster x batch: what no single schema can see."""
+    from launcher.batching import BatchPlan
+
+    world = effective_world_size(config)
+    strategy = config.strategy
+    if strategy.name == "single" and world > 1:
+        raise ConfigError(f"strategy=single: runs one process, but the world size is {world} (cluster.nproc_per_node="
+                          f"{config.cluster.nproc_per_node}, cluster.nnodes={config.cluster.nnodes}); use "
+                          f"strategy=ddp, fsdp, hsdp, zero1, zero2 or zero3")
+    if strategy.name == "hsdp":
+        replicas = strategy.replicate_degree or config.cluster.nnodes
+        if world % replicas:
+            raise ConfigError(f"strategy.replicate_degree={strategy.replicate_degree}: {replicas} model copies do not "
+                              f"divide the world size {world}; pick a divisor of {world}")
+    try:
+        plan = BatchPlan.resolve(config.trainer.global_batch_size, config.trainer.micro_batch_size, world)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if strategy.name.startswith("zero") and strategy.deepspeed_config:
+        from strategies.zero import deepspeed_config
+
+        try:
+            deepspeed_config(config, plan, config.optim.lr, bf16=False, device_type="cpu")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+def check_machine(config: Config, launching: bool) -> None:
+    """What this machine can run: GPUs for the ranks, DeepSpeed installed, offload only from a GPU.
+
+    `launching`: `launch` is about to start cluster.nproc_per_node processes here;
+    otherwise this is a worker that torchrun/srun started.
+    """
+    import torch
+
+    trainer, strategy = config.trainer, config.strategy
+    cuda = torch.cuda.is_available()
+    if trainer.device == "cuda" and not cuda:
+        raise ConfigError("trainer.device=cuda: no CUDA device is visible; use trainer.device=cpu or auto")
+    on_gpu = cuda and trainer.device != "cpu"
+    per_node = config.cluster.nproc_per_node if launching else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if on_gpu and per_node > torch.cuda.device_count():
+        key = "cluster.nproc_per_node" if launching else "torchrun --nproc_per_node"
+        raise ConfigError(f"{key}={per_node}: only {torch.cuda.device_count()} GPU(s) visible on this node "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use at most "
+                          f"{torch.cuda.device_count()} processes per node, or trainer.device=cpu")
+    if launching and config.cluster.nnodes > 1:
+        raise ConfigError(f"cluster.nnodes={config.cluster.nnodes}: `launch` starts processes on this node only; "
+                          f"run `torchrun --nnodes ... -m launcher.train` (or srun) on every node, or use cluster.nnodes=1")
+    if strategy.name.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"strategy={strategy.name}: DeepSpeed is not installed; pip install 'slipstream[deepspeed]' "
+                          f"(or deepspeed), or use strategy=fsdp")
+    for key in ("offload_optimizer", "offload_params"):
+        if getattr(strategy, key) and not on_gpu:
+            raise ConfigError(f"strategy.{key}=true: offloading moves GPU memory to the CPU, and this run is on the CPU "
+                              f"(trainer.device={trainer.device}); use strategy=zero3, or run on a GPU")
 
 
 def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
@@ -68,8 +136,9 @@ def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
 
 def _check_paths(config: Config) -> None:
     for key, value in (("model.path", config.model.path), ("model.tokenizer", config.model.tokenizer),
-                       ("data.path", config.data.path), ("data.eval_path", config.data.eval_path)):
-        if value and not Path(value).exists():
+                       ("data.path", config.data.path), ("data.eval_path", config.data.eval_path),
+                       ("strategy.deepspeed_config", config.strategy.deepspeed_config)):
+        if value and not Path(value).exists() and not (key.startswith("data.") and is_hub_name(value)):
             raise ConfigError(f"{key}={value}: no such file or directory")
     if config.model.path and not (Path(config.model.path) / "config.json").is_file():
         raise ConfigError(f"model.path={config.model.path}: no config.json there; point it at a Hugging Face "
@@ -93,8 +162,12 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def validate(overrides: list[str], multirun: bool) -> list[Config]:
+    """Every job's typed config, checked against this machine as `launch` will run it."""
     jobs = expand_sweep(overrides) if multirun else [overrides]
-    return [to_config(compose_config(job)) for job in jobs]
+    configs = [to_config(compose_config(job)) for job in jobs]
+    for config in configs:
+        check_machine(config, launching=True)
+    return configs
 
 
 def _one_line(err: Exception) -> str:

@@ -15,7 +15,7 @@ PRECISIONS = ("auto", "fp32", "bf16_autocast", "bf16")
 SCHEDULES = ("cosine", "linear", "constant")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 DATA_FORMATS = ("text", "prompt_completion", "chat", "alpaca")
-STRATEGIES = ("single",)
+STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3", "zero3_offload")
 PEFT_METHODS = ("none",)
 CHECKPOINTING = ("none", "full")
 OVERLONG = ("truncate", "drop")
@@ -79,9 +79,11 @@ class DataConfig:
 
     name: str = "demo"
     format: str = "prompt_completion"
-    path: Optional[str] = None  # a file or directory; None: the bundled demo data
+    path: Optional[str] = None  # a file, a directory, a saved dataset or a hub name; None: the bundled demo data
     eval_path: Optional[str] = None
-    eval_fraction: float = 0.0  # held out from `path` when there is no eval_path
+    split: str = "train"  # the split of a hub dataset or a saved DatasetDict
+    eval_split: Optional[str] = None  # evaluate on this split of `path` (or of eval_path)
+    eval_fraction: float = 0.0  # held out from `path` when there is no eval_path / eval_split
     text_column: str = "text"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
@@ -90,7 +92,10 @@ class DataConfig:
     input_column: str = "input"
     output_column: str = "output"
     train_on_prompt: bool = False
-    overlong: str = "truncate"
+    overlong: str = "truncate"  # examples longer than trainer.seq_len: truncate | drop (counted in the log)
+    packing: bool = False  # several examples per sequence, attention and positions kept per example
+    cache: bool = True  # keep the tokenised data on disk, keyed by data, tokenizer and format
+    cache_dir: Optional[str] = None  # default: $SLIPSTREAM_CACHE/data or ~/.cache/slipstream/data
     max_eval_examples: int = 512
     eval_exact_match: bool = False  # greedy-decode the eval completions and count exact matches
 
@@ -99,16 +104,47 @@ class DataConfig:
         _one_of(self.overlong, OVERLONG, "data.overlong")
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
         _require(self.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
+        _require(bool(self.split), "data.split", "must name a split, e.g. train")
         _require(self.path is not None or self.name == "demo", "data.path",
                  f"required for data={self.name}; pass data.path=<file or directory>")
 
 
 @dataclass
 class StrategyConfig:
+    """How the model is spread over ranks; each conf/strategy/*.yaml sets the keys it uses."""
+
     name: str = "single"
+    # fsdp/hsdp: false keeps gathered parameters from forward to backward (shard-grad-op, ZeRO-2 style)
+    reshard_after_forward: bool = True
+    # hsdp: number of replica groups (world size / replicate_degree ranks shard each copy); 0 = one per node
+    replicate_degree: int = 0
+    # zero*: DeepSpeed ZeRO stage (1 optimizer states, 2 + gradients, 3 + parameters)
+    zero_stage: int = 0
+    offload_optimizer: bool = False  # zero*: optimizer states and step on the CPU
+    offload_params: bool = False  # zero3: parameters on the CPU between uses
+    deepspeed_config: Optional[str] = None  # zero*: a DeepSpeed JSON merged over the generated one
 
     def __post_init__(self) -> None:
         _one_of(self.name, STRATEGIES, "strategy.name")
+        zero = self.name.startswith("zero")
+        fsdp = self.name in ("fsdp", "hsdp")
+        _require(fsdp or self.reshard_after_forward, "strategy.reshard_after_forward",
+                 f"only fsdp/hsdp use it, not strategy={self.name}; remove the override (zero2 is "
+                 f"DeepSpeed's shard-grad-op)")
+        _require(self.replicate_degree >= 0, "strategy.replicate_degree", "must be >= 0 (0 = one replica per node)")
+        _require(self.name == "hsdp" or self.replicate_degree == 0, "strategy.replicate_degree",
+                 f"only hsdp uses it, not strategy={self.name}; use strategy=hsdp or remove the override")
+        if zero:
+            _require(self.zero_stage in (1, 2, 3), "strategy.zero_stage",
+                     f"got {self.zero_stage}; choose 1, 2 or 3 (or strategy=zero1|zero2|zero3)")
+        else:
+            for key in ("zero_stage", "offload_optimizer", "offload_params", "deepspeed_config"):
+                _require(not getattr(self, key), f"strategy.{key}",
+                         f"only the DeepSpeed strategies (zero1, zero2, zero3, zero3_offload) use it, "
+                         f"not strategy={self.name}")
+        _require(not self.offload_params or self.zero_stage == 3, "strategy.offload_params",
+                 f"needs ZeRO stage 3 (parameters are partitioned only there), got strategy.zero_stage="
+                 f"{self.zero_stage}; use strategy=zero3_offload or set strategy.offload_params=false")
 
 
 @dataclass
@@ -177,8 +213,8 @@ class ClusterConfig:
     nnodes: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.nproc_per_node == 1 and self.nnodes == 1, "cluster.nproc_per_node",
-                 "only one process is supported until the strategies land; use 1")
+        _require(self.nproc_per_node >= 1, "cluster.nproc_per_node", "must be >= 1 (processes per node)")
+        _require(self.nnodes >= 1, "cluster.nnodes", "must be >= 1")
 
 
 @dataclass

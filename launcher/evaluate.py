@@ -52,7 +52,7 @@ def _greedy(model, tokenizer, prompts: list[list[int]], max_new: int, device, au
     for _ in range(max_new):
         with autocast():
             next_ids = model.logits(ids)[:, -1].argmax(-1)
-        next_ids = torch.where(done, tokenizer.pad_token_id, next_ids)
+        next_ids = torch.where(done, tokenizer.eos_token_id, next_ids)  # filler after the end; cut below
         generated.append(next_ids)
         done |= next_ids == tokenizer.eos_token_id
         ids = torch.cat([ids, next_ids[:, None]], dim=1)

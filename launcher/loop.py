@@ -81,16 +81,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def train_step(model, strategy, micro_batches: list[dict], precision: Precision, pad_id: int,
-               grad_clip: float) -> tuple[float, torch.Tensor, int]:
+               grad_clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches: (loss, grad norm, global non-pad tokens).
 
     The target count of the whole step, over all ranks, is known before the first
-    backward, so every micro-batch's loss sum is divided by the same number.
+    backward, so every micro-batch's loss sum is divided by the same number. Results
+    stay tensors: the caller syncs with the device only when it logs.
     """
     device = strategy.device
     local_targets = sum((b["labels"] != IGNORE_INDEX).sum() for b in micro_batches)
     local_tokens = sum((b["input_ids"] != pad_id).sum() for b in micro_batches)
-    global_targets, global_tokens = strategy.all_reduce_sum(torch.stack([local_targets, local_tokens]).to(device))
+    global_targets, global_tokens = strategy.all_reduce_sum(torch.stack([local_targets, local_tokens]))
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -100,8 +101,8 @@ def train_step(model, strategy, micro_batches: list[dict], precision: Precision,
             strategy.backward(micro_loss_sum, global_targets)
         loss_sum += micro_loss_sum.detach().float()
     grad_norm = strategy.step(grad_clip)
-    loss = (strategy.all_reduce_sum(loss_sum) / global_targets.clamp(min=1)).item()
-    return loss, grad_norm, int(global_tokens)
+    loss = strategy.all_reduce_sum(loss_sum) / global_targets.clamp(min=1)
+    return loss, grad_norm, global_tokens
 
 
 def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
@@ -129,12 +130,12 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     start_step = 0
     resume_from = _resume_path(cfg.trainer.resume, checkpoints)
     if resume_from:
-        state = checkpoint.load(resume_from, model, strategy.optimizer, scheduler, topology.rank)
+        state = strategy.load_checkpoint(resume_from, scheduler)
         start_step = state.pop("step")
         log.info("resumed from %s at step %d", resume_from, start_step)
 
     if strategy.is_main:
-        _print_start_table(cfg, plan, lr, topology, device, precision, model, len(train_set), len(eval_set))
+        _print_start_table(cfg, plan, lr, topology, device, precision, strategy, train_set.describe(), len(eval_set))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run_eval() -> dict:
@@ -154,8 +155,8 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     last_loss = float("nan")
     tokens_this_run = 0
     model.train()
+    window_tokens, window_start = 0, started
     for step in range(start_step, cfg.trainer.max_steps):
-        step_start = time.perf_counter()
         micro_batches = [collate([train_set[i] for i in idx], pad_id)
                          for idx in sampler.micro_batches(step, topology.rank, topology.world_size,
                                                           plan.micro_batch_size)]
@@ -164,32 +165,34 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
         step_lr = scheduler.get_last_lr()[0]
         scheduler.step()
 
-        step_time = time.perf_counter() - step_start
-        state["tokens"] += int(global_tokens)
-        tokens_this_run += int(global_tokens)
+        window_tokens += global_tokens
         state["samples"] += plan.global_batch_size
-        last_loss = loss
         done = step + 1
-        if done % cfg.trainer.log_every == 0 or done == cfg.trainer.max_steps:
-            metrics.log({"step": done, "loss": loss, "lr": step_lr, "grad_norm": float(grad_norm),
-                         "tokens": state["tokens"], "tokens_per_s": int(global_tokens) / step_time,
-                         "elapsed_s": time.perf_counter() - started})
+        saving = cfg.trainer.save_every and done % cfg.trainer.save_every == 0 and done < cfg.trainer.max_steps
+        if done % cfg.trainer.log_every == 0 or done == cfg.trainer.max_steps or saving:
+            # The one host sync of the logging window; tokens/s is over the whole window.
+            new_tokens, last_loss = int(window_tokens), loss.item()
+            now = time.perf_counter()
+            state["tokens"] += new_tokens
+            tokens_this_run += new_tokens
+            metrics.log({"step": done, "loss": last_loss, "lr": step_lr, "grad_norm": float(grad_norm),
+                         "tokens": state["tokens"], "tokens_per_s": new_tokens / (now - window_start),
+                         "elapsed_s": now - started})
+            window_tokens, window_start = 0, now
         metrics.advance()
         if cfg.trainer.eval_every and done % cfg.trainer.eval_every == 0 and done < cfg.trainer.max_steps:
             metrics.write(f"step {done}: " + _format_eval(run_eval()))
-        if cfg.trainer.save_every and done % cfg.trainer.save_every == 0 and done < cfg.trainer.max_steps:
-            checkpoint.save(checkpoints, done, model, strategy.optimizer, scheduler, state, topology.rank,
-                            strategy.barrier, cfg.trainer.keep_last)
+        if saving:
+            strategy.save_checkpoint(checkpoints, done, scheduler, state, cfg.trainer.keep_last)
     metrics.close()
     wall = time.perf_counter() - started
 
     final_step = max(start_step, cfg.trainer.max_steps)
     last_checkpoint = checkpoint.find_latest(checkpoints)
     if last_checkpoint is None or not last_checkpoint.name.endswith(f"{final_step:08d}"):
-        last_checkpoint = checkpoint.save(checkpoints, final_step, model, strategy.optimizer, scheduler, state,
-                                          topology.rank, strategy.barrier, cfg.trainer.keep_last)
+        last_checkpoint = strategy.save_checkpoint(checkpoints, final_step, scheduler, state, cfg.trainer.keep_last)
     final_eval = run_eval()
-    export_dir = _export(strategy, tokenizer, run_dir) if cfg.trainer.export_hf and strategy.is_main else None
+    export_dir = _export(strategy, tokenizer, run_dir) if cfg.trainer.export_hf else None
     steps_run = cfg.trainer.max_steps - start_step
     summary = {
         "steps": final_step, "steps_this_run": steps_run, "tokens": state["tokens"], "wall_s": wall,
@@ -216,11 +219,15 @@ def _resume_path(resume: str, checkpoints: Path) -> Path | None:
     return path
 
 
-def _export(strategy, tokenizer, run_dir: Path) -> Path:
+def _export(strategy, tokenizer, run_dir: Path) -> Path | None:
+    """Every rank takes part in gathering the full weights; rank 0 writes them."""
     from kernels.models import save_pretrained
 
+    core = strategy.export_module()
+    if not strategy.is_main:
+        return None
     out = run_dir / "hf"
-    save_pretrained(strategy.unwrapped(), out)
+    save_pretrained(core, out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -232,11 +239,11 @@ def _format_eval(result: dict) -> str:
     return ", ".join(parts) or "no eval split"
 
 
-def _print_start_table(cfg, plan, lr, topology, device, precision, model, n_train, n_eval) -> None:
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+def _print_start_table(cfg, plan, lr, topology, device, precision, strategy, train_desc, n_eval) -> None:
+    params, trainable = strategy.parameter_counts()
     rows = [
         ("model", f"{cfg.model.name} ({params / 1e6:.2f}M params, {trainable / 1e6:.2f}M trainable)"),
+        ("strategy", cfg.strategy.name),
         ("device", f"{device} x {topology.world_size}, precision {cfg.trainer.precision} "
                    f"(params {str(precision.param_dtype).removeprefix('torch.')}"
                    f"{', autocast ' + str(precision.autocast_dtype).removeprefix('torch.') if precision.autocast_dtype else ''})"),
@@ -244,7 +251,7 @@ def _print_start_table(cfg, plan, lr, topology, device, precision, model, n_trai
         ("accumulation", plan.accumulation_steps), ("global batch", plan.global_batch_size),
         ("tokens per step", f"<= {plan.global_batch_size * cfg.trainer.seq_len:,} (seq_len {cfg.trainer.seq_len})"),
         ("lr", f"{lr:.3g} ({cfg.optim.schedule}, warmup {cfg.optim.warmup_steps}, scaling {cfg.optim.lr_scaling})"),
-        ("data", f"{cfg.data.name}: {n_train:,} train / {n_eval:,} eval examples"),
+        ("data", f"{cfg.data.name}: {train_desc}; {n_eval:,} eval examples"),
         ("steps", cfg.trainer.max_steps),
     ]
     width = max(len(k) for k, _ in rows)

@@ -4,7 +4,13 @@ A step is: for each micro-batch, `accumulate(is_last)` around forward + `backwar
 then `step`. Gradient sync happens only inside the last micro-batch's context.
 `backward` receives the loss *sum* and the target-token count of the whole optimizer
 step over all ranks, so that the gradient is d(sum of token losses) / (global count)
-however the step is split into micro-batches and ranks.
+however the step is split into micro-batches and ranks. Data-parallel wrappers
+(DDP, FSDP, DeepSpeed) average gradients over ranks, so they multiply by the world
+size to keep that definition.
+
+Collective calls (every rank calls them, in the same order): `setup`, `step`,
+`all_reduce_sum`, `barrier`, `save_checkpoint`, `load_checkpoint`, `export_module`,
+and forward passes of the module that `setup`/`unwrapped` return.
 """
 from __future__ import annotations
 
@@ -15,16 +21,22 @@ import torch
 from torch import nn
 
 from launcher.config import Config, OptimConfig
+from strategies import checkpoint
+
+
+def adamw_param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not norms, biases); frozen parameters left out."""
+    decay = [p for name, p in named if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for name, p in named if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def build_adamw(params: list[nn.Parameter], named: list[tuple[str, nn.Parameter]], cfg: OptimConfig,
                 lr: float, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not norms, biases), fused on CUDA."""
-    decay = [p for name, p in named if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for name, p in named if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(adamw_param_groups(named, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas),
+                             eps=cfg.eps, fused=device.type == "cuda")
 
 
 class Strategy:
@@ -66,8 +78,26 @@ class Strategy:
         return value
 
     def unwrapped(self) -> nn.Module:
-        """The bare model core, for evaluation and export."""
+        """The model core for evaluation: forward and `logits` work on it (on every rank together)."""
         return self.model
+
+    def export_module(self) -> nn.Module | None:
+        """A plain model core with full, unsharded weights on the main rank (None elsewhere), for export."""
+        return self.unwrapped() if self.is_main else None
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(all parameters, trainable parameters) of the whole model, however it is sharded."""
+        params = list(self.unwrapped().parameters())
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+    def save_checkpoint(self, root, step: int, scheduler, trainer_state: dict, keep_last: int):
+        """Write checkpoint `step` under `root` atomically; returns its committed path."""
+        return checkpoint.save(root, step, self.model, self.optimizer, scheduler, trainer_state, self.rank,
+                               self.barrier, keep_last)
+
+    def load_checkpoint(self, path, scheduler) -> dict:
+        """Restore model, optimizer, scheduler and RNG from `path`; returns the trainer state."""
+        return checkpoint.load(path, self.model, self.optimizer, scheduler, self.rank)
 
     def barrier(self) -> None:
         pass
@@ -78,8 +108,22 @@ class Strategy:
 
 
 def build_strategy(cfg: Config, device: torch.device) -> Strategy:
-    if cfg.strategy.name == "single":
+    """The strategy named by `strategy.name`; distributed ones join the process group here."""
+    name = cfg.strategy.name
+    if name == "single":
         from strategies.single import SingleDevice
 
         return SingleDevice(cfg, device)
-    raise ValueError(f"strategy={cfg.strategy.name}: unknown strategy")
+    if name == "ddp":
+        from strategies.ddp import DDPStrategy
+
+        return DDPStrategy(cfg, device)
+    if name in ("fsdp", "hsdp"):
+        from strategies.fsdp import FSDPStrategy
+
+        return FSDPStrategy(cfg, device)
+    if name.startswith("zero"):
+        from strategies.zero import ZeROStrategy
+
+        return ZeROStrategy(cfg, device)
+    raise ValueError(f"strategy={name}: unknown strategy")

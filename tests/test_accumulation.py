@@ -58,7 +58,7 @@ def run_one_step(initial_model, micro_batch_size: int, backward=None) -> tuple[f
                      for i in range(0, len(examples), micro_batch_size)]
     loss, _, _ = train_step(model, strategy, micro_batches, Precision.resolve("fp32", torch.device("cpu")), PAD,
                             grad_clip=0.0)
-    return loss, strategy.grads
+    return loss.item(), strategy.grads
 
 
 def full_batch_reference(initial_model) -> float:

@@ -1,0 +1,76 @@
+"""Process-group plumbing shared by the data-parallel strategies (DDP, FSDP2, DeepSpeed).
+
+One process per device, started by torchrun, srun or `launch` (which runs torchrun):
+RANK, LOCAL_RANK and WORLD_SIZE come from the environment. NCCL on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from launcher.config import Config
+from strategies.base import Strategy
+
+
+def init_process_group(device: torch.device) -> tuple[int, int]:
+    """Join (or reuse) the default process group; returns (rank, world size)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            # A lone process (tests, `launch` with one process): a group of one on a free port.
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("LOCAL_RANK", "0")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class DataParallelStrategy(Strategy):
+    """Rank, world size, all-reduce and barrier over the default process group."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__(cfg, device)
+        self.rank, self.world_size = init_process_group(device)
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def plain_core(spec: tuple, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A fresh, unwrapped model core (class, config, ops) holding the full tensors of `state` (on CPU)."""
+    cls, config, ops = spec
+    with torch.device("meta"):
+        core = cls(config, ops)
+    missing, unexpected = core.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        core.lm_head.weight = core.model.embed_tokens.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    assert not missing and not unexpected, (missing, unexpected)
+    core.reset_rope("cpu")
+    return core.eval()

@@ -1,0 +1,100 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`): full shard, shard-grad-op and hybrid (HSDP).
+
+Each decoder block in `model.model.layers` is one FSDP group, and the root (embeddings,
+final norm, LM head) another. Parameters are DTensors sharded on dim 0:
+
+- strategy=fsdp: a 1-D mesh over all ranks; `strategy.reshard_after_forward=false`
+  keeps gathered parameters from forward to backward (ZeRO-2 / SHARD_GRAD_OP style:
+  less communication, more memory).
+- strategy=hsdp: a 2-D mesh (replicate, shard): shard inside a group of
+  world / replicate_degree ranks, all-reduce across the replicate_degree groups.
+
+Gradient accumulation without communication: `set_requires_gradient_sync(False)` on
+non-final micro-batches (for HSDP it covers the reduce-scatter and the all-reduce).
+FSDP averages gradients over all data-parallel ranks, so `backward` multiplies by the
+world size. With bf16 precision, parameters are gathered in bf16 and gradients are
+reduced in fp32 (`MixedPrecisionPolicy`). Frozen and trainable parameters may share a
+group (FSDP2 shards per parameter); frozen ones get no gradient and no reduction.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from strategies.base import build_adamw
+from strategies.distributed import DataParallelStrategy, plain_core
+
+# Methods of the model core that evaluation calls instead of forward; FSDP must gather around them.
+# (Not hidden_states: forward calls it, and a nested root hook would reshard mid-forward.)
+_EXTRA_FORWARD_METHODS = ("logits",)
+
+
+class FSDPStrategy(DataParallelStrategy):
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        options = cfg.strategy
+        if options.name == "hsdp":
+            replicate = options.replicate_degree or cfg.cluster.nnodes
+            if replicate < 1 or self.world_size % replicate:
+                raise ValueError(f"strategy.replicate_degree={options.replicate_degree}: must divide the world size "
+                                 f"{self.world_size} (replicas x shard group size)")
+            self.mesh = init_device_mesh(device.type, (replicate, self.world_size // replicate),
+                                         mesh_dim_names=("replicate", "shard"))
+        else:
+            self.mesh = init_device_mesh(device.type, (self.world_size,), mesh_dim_names=("shard",))
+
+    def _mixed_precision(self) -> MixedPrecisionPolicy:
+        from launcher.loop import Precision  # the loop owns the precision names
+
+        precision = Precision.resolve(self.cfg.trainer.precision, self.device)
+        if torch.bfloat16 in (precision.param_dtype, precision.autocast_dtype):
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def setup(self, model: nn.Module, lr: float) -> nn.Module:
+        model = model.to(self.device)
+        self._core = (type(model), model.config, model.ops)
+        shard = dict(mesh=self.mesh, reshard_after_forward=self.cfg.strategy.reshard_after_forward,
+                     mp_policy=self._mixed_precision())
+        for block in model.model.layers:
+            fully_shard(block, **shard)
+        fully_shard(model, **shard)
+        for method in _EXTRA_FORWARD_METHODS:
+            register_fsdp_forward_method(model, method)
+        self.model = model
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.optimizer = build_adamw([p for _, p in named], named, self.cfg.optim, lr, self.device)
+        return model
+
+    @contextlib.contextmanager
+    def accumulate(self, is_last: bool) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(is_last)
+        yield
+
+    def backward(self, loss_sum: torch.Tensor, global_target_tokens: torch.Tensor) -> None:
+        (loss_sum * (self.world_size / global_target_tokens.clamp(min=1))).backward()
+
+    def step(self, grad_clip: float) -> torch.Tensor:
+        """Clip on the sharded (DTensor) gradients: the norm is reduced over the mesh first."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def export_module(self) -> nn.Module | None:
+        """Gathers the full state dict onto rank 0 (CPU) and loads it into a plain, unsharded core."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return plain_core(self._core, state) if self.is_main else None

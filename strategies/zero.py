@@ -1,0 +1,270 @@
+"""DeepSpeed ZeRO stages 1, 2, 3 and ZeRO-3 with CPU offload, behind the one protocol.
+
+The DeepSpeed JSON config is generated from the Hydra config (batch sizes from the
+effective-batch plan, precision, clipping, AdamW), then `strategy.deepspeed_config`
+(a user JSON file) is merged over it; a user value that contradicts the batch plan or
+the strategy is a ValueError naming the key, raised before training starts.
+
+Loss scaling. DeepSpeed's engine divides the loss by gradient_accumulation_steps in
+`engine.backward` and its ZeRO optimizers average gradients over the data-parallel
+ranks. Here the loss of a micro-batch is its token-loss *sum* divided by the target
+tokens of the whole step (all micro-batches, all ranks), so:
+- `engine.backward(loss, scale_wrt_gas=False)` skips the division by the
+  accumulation steps (deepspeed/runtime/engine.py, `backward`:
+  `loss = loss / self.gradient_accumulation_steps() if scale_wrt_gas else loss`);
+- the loss is multiplied by the world size to undo the rank average
+  (stage 1/2 `gradient_reduction_w_predivide` / `average_tensor`, stage 3
+  `__avg_scatter_contiguous_grads`: `div_(world size)` around the all-reduce).
+
+Accumulation boundary. The loop calls `step()` once per optimizer step, not once per
+micro-batch as DeepSpeed's examples do, so the engine's micro-step counter would be
+wrong. `accumulate(is_last)` instead sets the boundary explicitly with
+`engine.set_gradient_accumulation_boundary(is_last)` before each backward: stage 1
+reduces gradients only in the last backward, stage 2/3 reduce-scatter every backward
+(that is what partitioned gradients mean) and `engine.step()` applies the update
+because the boundary is set (engine.py `step`: `if self.is_gradient_accumulation_boundary():
+self._take_model_step(...)`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from launcher.batching import BatchPlan
+from launcher.config import Config
+from strategies import checkpoint
+from strategies.base import adamw_param_groups
+from strategies.distributed import DataParallelStrategy, plain_core
+
+log = logging.getLogger(__name__)
+
+_DS_TAG = "deepspeed"  # the engine's checkpoint lives in step-N/deepspeed/
+
+
+def uses_bf16(cfg: Config, device_type: str) -> bool:
+    from launcher.loop import Precision  # the loop owns the precision names
+
+    precision = Precision.resolve(cfg.trainer.precision, torch.device(device_type))
+    return torch.bfloat16 in (precision.param_dtype, precision.autocast_dtype)
+
+
+def generated_config(cfg: Config, plan: BatchPlan, lr: float, bf16: bool, device_type: str) -> dict:
+    """The DeepSpeed JSON that the Hydra config implies."""
+    options = cfg.strategy
+    zero: dict = {"stage": options.zero_stage}
+    if options.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    if options.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    # torch's AdamW (fused on CUDA) unless the step runs on the CPU, where DeepSpeed's CPU Adam is the fast one.
+    adam = {"lr": lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay}
+    if not options.offload_optimizer:
+        adam["torch_adam"] = True
+        if device_type == "cuda":
+            adam["fused"] = True
+    return {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.accumulation_steps,
+        "gradient_clipping": cfg.trainer.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": adam},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # the loop logs
+        "wall_clock_breakdown": False,
+    }
+
+
+# User keys that must agree with the Hydra config: (JSON path, Hydra key, how to fix).
+_MUST_AGREE = (
+    (("train_batch_size",), "trainer.global_batch_size", "global batch in sequences"),
+    (("train_micro_batch_size_per_gpu",), "trainer.micro_batch_size", "sequences per device"),
+    (("gradient_accumulation_steps",), "trainer.global_batch_size",
+     "accumulation = global_batch_size / (micro_batch_size x world size)"),
+    (("zero_optimization", "stage"), "strategy.zero_stage", "pick the stage with strategy=zero1|zero2|zero3"),
+)
+
+
+def deepspeed_config(cfg: Config, plan: BatchPlan, lr: float, bf16: bool, device_type: str) -> dict:
+    """The generated config with the user's JSON (strategy.deepspeed_config) merged over it."""
+    generated = generated_config(cfg, plan, lr, bf16, device_type)
+    path = cfg.strategy.deepspeed_config
+    if not path:
+        return generated
+    key = f"strategy.deepspeed_config={path}"
+    try:
+        user = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"{key}: cannot read it ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{key}: not valid JSON ({err})") from None
+    if not isinstance(user, dict):
+        raise ValueError(f"{key}: expected a JSON object")
+    for json_path, hydra_key, hint in _MUST_AGREE:
+        ours, theirs = _get(generated, json_path), _get(user, json_path)
+        if theirs not in (None, "auto") and theirs != ours:
+            raise ValueError(f"{key}: {'.'.join(json_path)}={theirs} contradicts {hydra_key} "
+                             f"(which gives {ours}: {hint}); remove it from the JSON or change {hydra_key}")
+    if user.get("scheduler"):
+        raise ValueError(f"{key}: has a scheduler; the learning-rate schedule comes from optim.* "
+                         f"(schedule, warmup_steps, min_lr_ratio): remove 'scheduler' from the JSON")
+    if (user.get("fp16") or {}).get("enabled"):
+        raise ValueError(f"{key}: fp16.enabled=true is not supported; use trainer.precision=bf16_autocast")
+    if user.get("managed_gradient_accumulation") is False:
+        raise ValueError(f"{key}: managed_gradient_accumulation=false is not supported (the strategy sets the "
+                         f"accumulation boundary itself); remove it")
+    for json_path in _auto_paths(user):  # transformers-style "auto": ours
+        _set(user, json_path, _get(generated, json_path))
+    return _merge(generated, user)
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for part in path[:-1]:
+        tree = tree[part]
+    tree[path[-1]] = value
+
+
+def _auto_paths(tree: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            paths += _auto_paths(value, (*prefix, key))
+        elif value == "auto":
+            paths.append((*prefix, key))
+    return paths
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+class ZeROStrategy(DataParallelStrategy):
+    def __init__(self, cfg: Config, device: torch.device):
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported; gloo, no oneCCL
+        super().__init__(cfg, device)  # the process group: DeepSpeed reuses it
+        import deepspeed
+
+        if device.type == "cpu":
+            # DeepSpeed's CPU comm backend would JIT-compile a shared-memory all-reduce (used only for
+            # inference, ~90 s on 2 cores) when it starts; training goes through the gloo group.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.deepspeed = deepspeed
+        self.stage = cfg.strategy.zero_stage
+
+    def setup(self, model: nn.Module, lr: float) -> nn.Module:
+        trainer = self.cfg.trainer
+        plan = BatchPlan.resolve(trainer.global_batch_size, trainer.micro_batch_size, self.world_size)
+        self.ds_config = deepspeed_config(self.cfg, plan, lr, uses_bf16(self.cfg, self.device.type),
+                                          self.device.type)
+        self._core = (type(model), model.config, model.ops)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        engine, _, _, _ = self.deepspeed.initialize(model=model.to(self.device),
+                                                    model_parameters=adamw_param_groups(named, self.cfg.optim.weight_decay),
+                                                    config=self.ds_config)
+        if self.stage == 3:
+            # forward uses lm_head.weight directly (chunked cross-entropy), outside lm_head's own forward
+            self.deepspeed.zero.register_external_parameter(engine.module, engine.module.lm_head.weight)
+        self.engine = engine
+        self.model = engine
+        self.optimizer = engine.basic_optimizer  # the torch optimizer whose param_groups hold the lr
+        return engine
+
+    @contextlib.contextmanager
+    def accumulate(self, is_last: bool) -> Iterator[None]:
+        self.engine.set_gradient_accumulation_boundary(is_last)
+        yield
+
+    def backward(self, loss_sum: torch.Tensor, global_target_tokens: torch.Tensor) -> None:
+        loss = loss_sum * (self.world_size / global_target_tokens.clamp(min=1))
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, grad_clip: float) -> torch.Tensor:
+        """Reduce (stage 1), clip (gradient_clipping from trainer.grad_clip), step, zero."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.tensor(float("nan") if norm is None else float(norm))
+
+    def unwrapped(self) -> nn.Module:
+        return self.engine.module
+
+    def parameter_counts(self) -> tuple[int, int]:
+        params = list(self.engine.module.parameters())
+        count = lambda p: getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty tensor behind
+        return sum(map(count, params)), sum(count(p) for p in params if p.requires_grad)
+
+    def export_module(self) -> nn.Module | None:
+        module = self.engine.module
+        if self.stage < 3:
+            return module if self.is_main else None
+        state = {}
+        for name, param in module.named_parameters():
+            with self.deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if self.is_main:
+                    state[name] = param.detach().to("cpu", copy=True)
+        return plain_core(self._core, state) if self.is_main else None
+
+    def save_checkpoint(self, root: Path, step: int, scheduler, trainer_state: dict, keep_last: int) -> Path:
+        """DeepSpeed's own (per-rank ZeRO partition) checkpoint, committed like checkpoint.save commits DCP."""
+        final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        self.engine.save_checkpoint(str(tmp), tag=_DS_TAG, save_latest=False)
+        torch.save(checkpoint._rng_state(), tmp / f"rng-rank{self.rank:05d}.pt")
+        self.barrier()
+        if self.is_main:
+            state = dict(trainer_state, step=step, scheduler=scheduler.state_dict())
+            (tmp / checkpoint.TRAINER_STATE).write_text(json.dumps(state, indent=1))
+            checkpoint._fsync_write(tmp / checkpoint.COMMIT_MARKER, "")
+            if final.exists():
+                raise RuntimeError(f"{final} already exists; committed checkpoints are never overwritten")
+            os.rename(tmp, final)
+            checkpoint._fsync_write(root / ".latest.tmp", final.name)
+            os.replace(root / ".latest.tmp", root / "latest")
+            checkpoint._prune(root, keep_last)
+        self.barrier()
+        return final
+
+    def load_checkpoint(self, path: Path, scheduler) -> dict:
+        if not checkpoint.is_committed(path):
+            raise ValueError(f"trainer.resume={path}: not a committed checkpoint (no {checkpoint.COMMIT_MARKER})")
+        if not (path / _DS_TAG).is_dir():
+            raise ValueError(f"trainer.resume={path}: not a DeepSpeed checkpoint (no {_DS_TAG}/ inside); "
+                             f"resume it with the strategy that wrote it")
+        loaded, _ = self.engine.load_checkpoint(str(path), tag=_DS_TAG, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ValueError(f"trainer.resume={path}: DeepSpeed could not load it (written at another world size? "
+                             f"ZeRO checkpoints are tied to their data-parallel size)")
+        trainer_state = json.loads((path / checkpoint.TRAINER_STATE).read_text())
+        scheduler.load_state_dict(trainer_state.pop("scheduler"))
+        rng_file = path / f"rng-rank{self.rank:05d}.pt"
+        if rng_file.exists():
+            checkpoint._set_rng_state(torch.load(rng_file, weights_only=False))
+        return trainer_state
