@@ -4,7 +4,7 @@
 # 1. HERE (the CPU machine, with network), once:   bash benchmarks/run_gpu.sh --build-bundle
 #    -> .peers/bench_bundle.zip (git-ignored): the wheels the GPU image lacks, unpacked and
 #    zipped: liger-kernel (the peer), hydra-core + omegaconf + antlr4-python3-runtime (launcher.loop
-#    imports launcher.config, which imports hydra), datasets + dill + multiprocess (launcher.data). Everything else the benchmark imports
+#    imports launcher.config, which imports hydra), datasets + dill + multiprocess (launcher.data), deepspeed + pydantic + hjson (strategy=zero*). Everything else the benchmark imports
 #    (torch, triton, transformers, peft, safetensors, tqdm, pyyaml, pytest) is on the image.
 # 2. ON THE DEVICE (repo root), with carry [".peers"]:   bash benchmarks/run_gpu.sh [bench_train.py args]
 #    default args: --tests --profile  (tests/test_ops.py on the GPU, then 1b-full and 1b-full-ckpt
@@ -20,7 +20,10 @@ if [ "${1:-}" = "--build-bundle" ]; then
   # the GPU image runs Python 3.12 on x86_64; all four are pure-Python (py3-none-any)
   $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$work/w" \
-    liger-kernel==0.8.5 hydra-core==1.3.2 omegaconf==2.3.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+    liger-kernel==0.8.5 hydra-core==1.3.2 omegaconf==2.3.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+    pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0
+  # DeepSpeed (strategy=zero*) is an sdist: build its pure-Python wheel, ops compiled just in time
+  DS_BUILD_OPS=0 $py -m pip wheel -q --no-deps -w "$work/w" deepspeed==0.19.8
   # antlr4-python3-runtime 4.9.3 (omegaconf 2.3 pins 4.9.*) is published as an sdist only: build its wheel
   $py -m pip wheel -q --no-deps -w "$work/w" antlr4-python3-runtime==4.9.3
   mkdir -p "$work/site"

@@ -74,7 +74,8 @@ def _check_strategy(config: Config) -> None:
                           f"{config.cluster.nproc_per_node}, cluster.nnodes={config.cluster.nnodes}); use "
                           f"strategy=ddp, fsdp, hsdp, zero1, zero2 or zero3")
     if strategy.name == "hsdp":
-        replicas = strategy.replicate_degree or config.cluster.nnodes
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", config.cluster.nproc_per_node))
+        replicas = strategy.replicate_degree or max(1, world // per_node)
         if world % replicas:
             raise ConfigError(f"strategy.replicate_degree={strategy.replicate_degree}: {replicas} model copies do not "
                               f"divide the world size {world}; pick a divisor of {world}")

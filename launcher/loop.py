@@ -200,6 +200,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
         "final_loss": last_loss if math.isfinite(last_loss) else None,
         "initial_eval": initial_eval, "final_eval": final_eval,
         "checkpoint": str(last_checkpoint), "export": str(export_dir) if export_dir else None,
+        "peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     if strategy.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -67,20 +67,19 @@ def main(argv: list[str] | None = None) -> None:
     topology = Topology.from_env()
     logging.basicConfig(level=logging.INFO if topology.rank == 0 else logging.WARNING,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    from strategies.distributed import shutdown
-
     try:
         config, run_dir = load(args, topology)
         check_machine(config, launching=False)
         from launcher.loop import train
 
         train(config, run_dir, topology)
-    except ValueError as err:  # user errors, one line per rank that found it
+    except ValueError as err:  # user errors, one line per rank that found it; torchrun stops the others
         prefix = f"[rank {topology.rank}] " if topology.world_size > 1 else ""
         print(f"{prefix}launcher.train: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    finally:
-        shutdown()
+    from strategies.distributed import shutdown
+
+    shutdown()
 
 
 if __name__ == "__main__":

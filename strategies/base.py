@@ -40,7 +40,12 @@ def build_adamw(params: list[nn.Parameter], named: list[tuple[str, nn.Parameter]
 
 
 class Strategy:
-    """Single-process defaults; distributed strategies override what differs."""
+    """Single-process defaults; distributed strategies override what differs.
+
+    After `setup`: `model` is what the loop calls (possibly a wrapper: DDP, FSDP, a
+    DeepSpeed engine) and `optimizer` the torch optimizer whose param_groups carry the
+    learning rate (the LR scheduler's target); only `step` steps it.
+    """
 
     rank: int = 0
     world_size: int = 1

@@ -34,8 +34,22 @@ def init_process_group(device: torch.device) -> tuple[int, int]:
 
 
 def shutdown() -> None:
+    """Leave the process group once every rank is done with it.
+
+    Without the barrier a rank that finishes first tears down its connections while
+    a peer still has collectives in flight (e.g. the export gather). The groups that a
+    DeviceMesh or FSDP state still references die only when their reference cycles
+    are collected: collect now, while gloo's worker threads can still take the GIL,
+    not in interpreter finalisation, where they abort the process ("terminate called
+    without an active exception"). Call it only on success: after an error the peers
+    may never reach the barrier.
+    """
+    import gc
+
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+    gc.collect()
 
 
 def free_port() -> int:
@@ -54,7 +68,7 @@ class DataParallelStrategy(Strategy):
         self.rank, self.world_size = init_process_group(device)
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.clone()
+        value = value.to(self.device, copy=True)  # NCCL reduces device tensors only; counts may come from the CPU
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
 

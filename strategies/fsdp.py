@@ -19,6 +19,7 @@ group (FSDP2 shards per parameter); frozen ones get no gradient and no reduction
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -40,7 +41,9 @@ class FSDPStrategy(DataParallelStrategy):
         super().__init__(cfg, device)
         options = cfg.strategy
         if options.name == "hsdp":
-            replicate = options.replicate_degree or cfg.cluster.nnodes
+            # 0: one copy per node, counted from torchrun's environment (the config may not say)
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            replicate = options.replicate_degree or max(1, self.world_size // per_node)
             if replicate < 1 or self.world_size % replicate:
                 raise ValueError(f"strategy.replicate_degree={options.replicate_degree}: must divide the world size "
                                  f"{self.world_size} (replicas x shard group size)")

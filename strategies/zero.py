@@ -162,6 +162,37 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
+class _ForwardOrLogits(nn.Module):
+    """The core behind a single forward, so that ZeRO-3's hooks and parameter discovery also cover `logits`.
+
+    ZeRO-3 gathers a module's parameters around its own forward, and finds parameters
+    used elsewhere (the final norm's and LM head's weights, read by fused kernels in the
+    root) only during the engine's forward. Evaluation's `logits` is no forward: routing
+    it through the engine keeps it correct.
+    """
+
+    def __init__(self, core: nn.Module):
+        super().__init__()
+        self.core = core
+
+    def forward(self, *args, logits_only: bool = False, **kwargs):
+        return self.core.logits(*args, **kwargs) if logits_only else self.core(*args, **kwargs)
+
+
+class _EngineView(nn.Module):
+    """What evaluation sees under ZeRO-3: `model(**batch)` and `model.logits(ids)`, both through the engine."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine = engine
+
+    def forward(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def logits(self, *args, **kwargs):
+        return self.engine(*args, logits_only=True, **kwargs)
+
+
 class ZeROStrategy(DataParallelStrategy):
     def __init__(self, cfg: Config, device: torch.device):
         if device.type == "cpu":
@@ -183,13 +214,14 @@ class ZeROStrategy(DataParallelStrategy):
         self.ds_config = deepspeed_config(self.cfg, plan, lr, uses_bf16(self.cfg, self.device.type),
                                           self.device.type)
         self._core = (type(model), model.config, model.ops)
+        self.core = model.to(self.device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        engine, _, _, _ = self.deepspeed.initialize(model=model.to(self.device),
+        engine, _, _, _ = self.deepspeed.initialize(model=_ForwardOrLogits(self.core) if self.stage == 3 else self.core,
                                                     model_parameters=adamw_param_groups(named, self.cfg.optim.weight_decay),
                                                     config=self.ds_config)
         if self.stage == 3:
-            # forward uses lm_head.weight directly (chunked cross-entropy), outside lm_head's own forward
-            self.deepspeed.zero.register_external_parameter(engine.module, engine.module.lm_head.weight)
+            # forward reads lm_head.weight directly (chunked cross-entropy), outside lm_head's own forward
+            self.deepspeed.zero.register_external_parameter(self.core, self.core.lm_head.weight)
         self.engine = engine
         self.model = engine
         self.optimizer = engine.basic_optimizer  # the torch optimizer whose param_groups hold the lr
@@ -211,19 +243,18 @@ class ZeROStrategy(DataParallelStrategy):
         return torch.tensor(float("nan") if norm is None else float(norm))
 
     def unwrapped(self) -> nn.Module:
-        return self.engine.module
+        return _EngineView(self.engine) if self.stage == 3 else self.core
 
     def parameter_counts(self) -> tuple[int, int]:
-        params = list(self.engine.module.parameters())
+        params = list(self.core.parameters())
         count = lambda p: getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty tensor behind
         return sum(map(count, params)), sum(count(p) for p in params if p.requires_grad)
 
     def export_module(self) -> nn.Module | None:
-        module = self.engine.module
         if self.stage < 3:
-            return module if self.is_main else None
+            return self.core if self.is_main else None
         state = {}
-        for name, param in module.named_parameters():
+        for name, param in self.core.named_parameters():
             with self.deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if self.is_main:
                     state[name] = param.detach().to("cpu", copy=True)
