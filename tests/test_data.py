@@ -17,6 +17,7 @@ from kernels.models import DecoderConfig, DecoderLM
 from kernels.reference import IGNORE_INDEX
 from launcher import data
 from launcher.config import DataConfig
+from launcher.data import encoding, formats
 from launcher.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, FALLBACK_CHAT_TEMPLATE, Example,
                            GlobalBatchSampler, PackedSequence, TrainSet, collate, load_splits, load_tokenizer,
                            pack_sequences)
@@ -139,8 +140,8 @@ def test_every_tokenisation_path_agrees(tmp_path, tok):
     batches = {"prompt_completion": {"prompt": ["copy: ab\n", "x"], "completion": ["ab", ""]},
                "chat": {"messages": [CHAT, CHAT[:2]]}, "text": {"text": ["abc", ""]}}
     for format, batch in batches.items():
-        rendered = data._render_rows(batch, config(tmp_path, "x", format=format), tok, "test", 0)
-        fast = data._Encoder(tok)
+        rendered = formats._render_rows(batch, config(tmp_path, "x", format=format), tok, "test", 0)
+        fast = encoding._Encoder(tok)
         results = [fast(rendered)]
         fast.backend = None
         results.append(fast(rendered))
@@ -149,8 +150,8 @@ def test_every_tokenisation_path_agrees(tmp_path, tok):
         assert [ids for ids, _ in results[0]] == [ids for ids, _ in results[2]] == \
             tok([r.text for r in rendered], add_special_tokens=False)["input_ids"]
         for result in results[1:]:
-            trains = [data._in_spans(starts, r.spans) for r, (_, starts) in zip(rendered, result)]
-            assert trains == [data._in_spans(starts, r.spans) for r, (_, starts) in zip(rendered, results[0])]
+            trains = [encoding._in_spans(starts, r.spans) for r, (_, starts) in zip(rendered, result)]
+            assert trains == [encoding._in_spans(starts, r.spans) for r, (_, starts) in zip(rendered, results[0])]
 
 
 # --------------------------------------------------------------------------- sources
@@ -374,8 +375,9 @@ def test_second_load_is_a_cache_hit(tmp_path, tok, monkeypatch):
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     first, held_first = load_splits(config(tmp_path, path, eval_path=str(path)), tok, 32, 0)
     calls = []
-    original = data._Encoder.__call__
-    monkeypatch.setattr(data._Encoder, "__call__", lambda self, rendered: calls.append(1) or original(self, rendered))
+    original = encoding._Encoder.__call__
+    monkeypatch.setattr(encoding._Encoder, "__call__",
+                        lambda self, rendered: calls.append(1) or original(self, rendered))
     second, held_second = load_splits(config(tmp_path, path, eval_path=str(path)), tok, 32, 0)
     assert not calls
     assert [second[i] for i in range(3)] == [first[i] for i in range(3)] and held_second == held_first
