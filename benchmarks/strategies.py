@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,6 +84,8 @@ def run(name: str, overrides: list[str], timeout: int) -> dict:
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**row, "rc": None, "error": f"timed out after {timeout}s"}
+    # the final 1B checkpoint (7-20 GB with optimizer states) would fill the 64 GB disk after a few jobs
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     (OUT / "logs").mkdir(parents=True, exist_ok=True)
     (OUT / "logs" / f"{name}.log").write_text(" ".join(command) + "\n" + proc.stdout[-20000:] + proc.stderr[-20000:])
     row.update(rc=proc.returncode, wall_s=round(time.time() - started, 1))

@@ -24,6 +24,12 @@ reduces gradients only in the last backward, stage 2/3 reduce-scatter every back
 (that is what partitioned gradients mean) and `engine.step()` applies the update
 because the boundary is set (engine.py `step`: `if self.is_gradient_accumulation_boundary():
 self._take_model_step(...)`).
+
+Precision. trainer.precision=bf16 or bf16_autocast turns on DeepSpeed's bf16 mode:
+bf16 parameters in the module, fp32 master weights and optimizer states in the ZeRO
+optimizer. For bf16_autocast that matches the other strategies (fp32 weights, bf16
+compute); for pure bf16 it does not: single/DDP/FSDP step the bf16 parameters
+themselves, so ZeRO's losses come out lower and its memory higher.
 """
 from __future__ import annotations
 
