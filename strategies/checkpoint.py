@@ -18,6 +18,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -53,16 +54,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict, rank: int = 0,
-         barrier=lambda: None, keep_last: int = 2) -> Path:
-    """Write checkpoint `step` under `root` atomically; returns its committed path."""
+def commit(root: Path, step: int, write_payload: Callable[[Path], None], scheduler, trainer_state: dict,
+           rank: int = 0, barrier=lambda: None, keep_last: int = 2) -> Path:
+    """Write checkpoint `step` under `root` atomically; returns its committed path.
+
+    Every rank calls `write_payload(tmp_dir)` (its shards) between two barriers; only
+    rank 0 writes the trainer state, the marker, renames and moves `latest`.
+    """
     final, tmp = _step_dir(root, step), root / f".tmp-step-{step:08d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
         tmp.mkdir(parents=True)
     barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    write_payload(tmp)
     torch.save(_rng_state(), tmp / f"rng-rank{rank:05d}.pt")
     barrier()
     if rank == 0:
@@ -77,6 +81,16 @@ def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict
         _prune(root, keep_last)
     barrier()
     return final
+
+
+def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict, rank: int = 0,
+         barrier=lambda: None, keep_last: int = 2) -> Path:
+    """A DCP checkpoint of model and optimizer, committed atomically."""
+    def write_dcp(tmp: Path) -> None:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+
+    return commit(root, step, write_dcp, scheduler, trainer_state, rank, barrier, keep_last)
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -98,17 +112,26 @@ def find_latest(root: Path) -> Path | None:
     return committed[-1] if committed else None
 
 
-def load(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
+def require_committed(path: Path) -> None:
     if not is_committed(path):
         raise ValueError(f"trainer.resume={path}: not a committed checkpoint (no {COMMIT_MARKER} marker)")
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def restore_trainer_state(path: Path, scheduler, rank: int) -> dict:
+    """Scheduler and this rank's RNG from a committed checkpoint; returns the trainer state."""
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     scheduler.load_state_dict(trainer_state.pop("scheduler"))
     rng_file = path / f"rng-rank{rank:05d}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return trainer_state
+
+
+def load(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
+    require_committed(path)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return restore_trainer_state(path, scheduler, rank)

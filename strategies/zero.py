@@ -38,7 +38,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -267,31 +266,15 @@ class ZeROStrategy(DataParallelStrategy):
         return plain_core(self._core, state) if self.is_main else None
 
     def save_checkpoint(self, root: Path, step: int, scheduler, trainer_state: dict, keep_last: int) -> Path:
-        """DeepSpeed's own (per-rank ZeRO partition) checkpoint, committed like checkpoint.save commits DCP."""
-        final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.barrier()
-        self.engine.save_checkpoint(str(tmp), tag=_DS_TAG, save_latest=False)
-        torch.save(checkpoint._rng_state(), tmp / f"rng-rank{self.rank:05d}.pt")
-        self.barrier()
-        if self.is_main:
-            state = dict(trainer_state, step=step, scheduler=scheduler.state_dict())
-            (tmp / checkpoint.TRAINER_STATE).write_text(json.dumps(state, indent=1))
-            checkpoint._fsync_write(tmp / checkpoint.COMMIT_MARKER, "")
-            if final.exists():
-                raise RuntimeError(f"{final} already exists; committed checkpoints are never overwritten")
-            os.rename(tmp, final)
-            checkpoint._fsync_write(root / ".latest.tmp", final.name)
-            os.replace(root / ".latest.tmp", root / "latest")
-            checkpoint._prune(root, keep_last)
-        self.barrier()
-        return final
+        """DeepSpeed's own (per-rank ZeRO partition) checkpoint, committed like every other."""
+        def write_deepspeed(tmp: Path) -> None:
+            self.engine.save_checkpoint(str(tmp), tag=_DS_TAG, save_latest=False)
+
+        return checkpoint.commit(root, step, write_deepspeed, scheduler, trainer_state, self.rank, self.barrier,
+                                 keep_last)
 
     def load_checkpoint(self, path: Path, scheduler) -> dict:
-        if not checkpoint.is_committed(path):
-            raise ValueError(f"trainer.resume={path}: not a committed checkpoint (no {checkpoint.COMMIT_MARKER})")
+        checkpoint.require_committed(path)
         if not (path / _DS_TAG).is_dir():
             raise ValueError(f"trainer.resume={path}: not a DeepSpeed checkpoint (no {_DS_TAG}/ inside); "
                              f"resume it with the strategy that wrote it")
@@ -299,9 +282,4 @@ class ZeROStrategy(DataParallelStrategy):
         if loaded is None:
             raise ValueError(f"trainer.resume={path}: DeepSpeed could not load it (written at another world size? "
                              f"ZeRO checkpoints are tied to their data-parallel size)")
-        trainer_state = json.loads((path / checkpoint.TRAINER_STATE).read_text())
-        scheduler.load_state_dict(trainer_state.pop("scheduler"))
-        rng_file = path / f"rng-rank{self.rank:05d}.pt"
-        if rng_file.exists():
-            checkpoint._set_rng_state(torch.load(rng_file, weights_only=False))
-        return trainer_state
+        return checkpoint.restore_trainer_state(path, scheduler, self.rank)
