@@ -83,6 +83,14 @@ def _check_strategy(config: Config) -> None:
         plan = BatchPlan.resolve(config.trainer.global_batch_size, config.trainer.micro_batch_size, world)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if strategy.name.startswith("zero") and config.optim.name != "adamw":
+        raise ConfigError(f"optim={config.optim.name}: DeepSpeed ZeRO partitions and steps its own AdamW; use "
+                          f"optim=adamw with strategy={strategy.name} (offload: strategy=zero3_offload), or "
+                          f"{config.optim.name} with strategy=single or ddp")
+    if strategy.name in ("fsdp", "hsdp") and config.optim.name != "adamw":
+        raise ConfigError(f"optim={config.optim.name}: bitsandbytes' optimizer kernels take plain tensors, and "
+                          f"strategy={strategy.name} shards parameters as DTensors; use optim=adamw with "
+                          f"strategy={strategy.name}, or {config.optim.name} with strategy=single or ddp")
     if strategy.name.startswith("zero") and strategy.deepspeed_config:
         from strategies.zero import deepspeed_config
 
@@ -111,12 +119,12 @@ def check_machine(config: Config, launching: bool) -> None:
         raise ConfigError(f"{key}={per_node}: only {torch.cuda.device_count()} GPU(s) visible on this node "
                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use at most "
                           f"{torch.cuda.device_count()} processes per node, or trainer.device=cpu")
-    if launching and config.cluster.nnodes > 1:
-        raise ConfigError(f"cluster.nnodes={config.cluster.nnodes}: `launch` starts processes on this node only; "
-                          f"run `torchrun --nnodes ... -m launcher.train` (or srun) on every node, or use cluster.nnodes=1")
     if strategy.name.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"strategy={strategy.name}: DeepSpeed is not installed; pip install 'slipstream[deepspeed]' "
                           f"(or deepspeed), or use strategy=fsdp")
+    if config.optim.name != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"optim={config.optim.name}: needs bitsandbytes; pip install 'slipstream[qlora]' "
+                          f"(or bitsandbytes), or use optim=adamw")
     for key in ("offload_optimizer", "offload_params"):
         if getattr(strategy, key) and not on_gpu:
             raise ConfigError(f"strategy.{key}=true: offloading moves GPU memory to the CPU, and this run is on the CPU "

@@ -15,8 +15,10 @@ PRECISIONS = ("auto", "fp32", "bf16_autocast", "bf16")
 SCHEDULES = ("cosine", "linear", "constant")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 DATA_FORMATS = ("text", "prompt_completion", "chat", "alpaca")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")  # the last three: bitsandbytes
 STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3", "zero3_offload")
-PEFT_METHODS = ("none",)
+PEFT_METHODS = ("none", "lora", "qlora")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINTING = ("none", "full")
 OVERLONG = ("truncate", "drop")
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -67,10 +69,39 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = "none"
+    """Adapters instead of full fine-tuning; keys and defaults are peft's LoraConfig and
+    transformers' BitsAndBytesConfig (the bnb_4bit_* keys, used by method=qlora only)."""
+
+    method: str = "none"  # none | lora | qlora (LoRA over a frozen 4-bit base)
+    r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: Any = "all-linear"  # all-linear, or a list of LORA_TARGETS (q_proj, ..., down_proj)
+    use_rslora: bool = False  # scaling lora_alpha / sqrt(r) instead of lora_alpha / r
+    init_lora_weights: str = "true"  # true: A kaiming-uniform, B = 0 | gaussian: A ~ N(0, 1/r), B = 0
+    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    bnb_4bit_quant_storage: str = "uint8"  # uint8, or the parameters' float dtype so FSDP can shard them
 
     def __post_init__(self) -> None:
         _one_of(self.method, PEFT_METHODS, "peft.method")
+        _require(self.r > 0, "peft.r", "must be > 0 (the adapter rank)")
+        _require(self.lora_alpha > 0, "peft.lora_alpha", "must be > 0")
+        _require(0.0 <= self.lora_dropout < 1.0, "peft.lora_dropout", "must be in [0, 1)")
+        self.init_lora_weights = str(self.init_lora_weights).lower()  # YAML's `true` arrives as "True"
+        _one_of(self.init_lora_weights, ("true", "gaussian"), "peft.init_lora_weights")
+        if self.target_modules == "all-linear":
+            self.target_modules = list(LORA_TARGETS)
+        targets = [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        _require(bool(targets) and not unknown, "peft.target_modules",
+                 f"got {unknown or targets}; use all-linear or a list of {', '.join(LORA_TARGETS)}")
+        self.target_modules = targets
+        _one_of(self.bnb_4bit_quant_type, ("nf4", "fp4"), "peft.bnb_4bit_quant_type")
+        _one_of(self.bnb_4bit_compute_dtype, ("float32", "bfloat16", "float16"), "peft.bnb_4bit_compute_dtype")
+        _one_of(self.bnb_4bit_quant_storage, ("uint8", "float32", "bfloat16", "float16"),
+                "peft.bnb_4bit_quant_storage")
 
 
 @dataclass
@@ -161,7 +192,7 @@ class OptimConfig:
     reference_batch_size: int = 0
 
     def __post_init__(self) -> None:
-        _one_of(self.name, ("adamw",), "optim.name")
+        _one_of(self.name, OPTIMIZERS, "optim.name")
         _one_of(self.schedule, SCHEDULES, "optim.schedule")
         _one_of(self.lr_scaling, LR_SCALING_RULES, "optim.lr_scaling")
         _require(self.lr > 0, "optim.lr", "must be > 0")
@@ -191,6 +222,8 @@ class TrainerConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto | never | PATH of a checkpoint
     export_hf: bool = True  # write a Hugging Face directory at the end
+    max_nonfinite_steps: int = 5  # stop after this many skipped (NaN/inf loss or grad norm) steps in a row
+    dry_run: bool = False  # print the plan (batch, parameters, memory per device) and exit without training
 
     def __post_init__(self) -> None:
         for key in ("global_batch_size", "micro_batch_size", "seq_len", "max_steps", "log_every", "keep_last"):
@@ -198,6 +231,8 @@ class TrainerConfig:
         _require(self.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0 = at the end only)")
         _require(self.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = at the end only)")
         _require(self.grad_clip >= 0, "trainer.grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(self.max_nonfinite_steps > 0, "trainer.max_nonfinite_steps",
+                 "must be > 0 (steps in a row with a NaN/inf loss or gradient norm before the run stops)")
         _one_of(self.precision, PRECISIONS, "trainer.precision")
         _one_of(self.activation_checkpointing, CHECKPOINTING, "trainer.activation_checkpointing")
         _one_of(self.device, ("auto", "cpu", "cuda"), "trainer.device")
@@ -208,19 +243,49 @@ class TrainerConfig:
 
 @dataclass
 class ClusterConfig:
+    """What `launch` hands torchrun: processes per node, nodes, rendezvous and restarts."""
+
     name: str = "local"
     nproc_per_node: int = 1
     nnodes: int = 1
+    node_rank: int = 0  # only the static rendezvous uses it; c10d assigns ranks itself
+    rdzv_backend: str = "c10d"
+    rdzv_endpoint: Optional[str] = None  # host:port on the first node; required when nnodes > 1
+    rdzv_id: str = "slipstream"  # the same on every node of one job, different between jobs
+    max_restarts: int = 0  # torchrun restarts the whole group this often; workers resume from the newest checkpoint
 
     def __post_init__(self) -> None:
         _require(self.nproc_per_node >= 1, "cluster.nproc_per_node", "must be >= 1 (processes per node)")
         _require(self.nnodes >= 1, "cluster.nnodes", "must be >= 1")
+        _require(0 <= self.node_rank < self.nnodes, "cluster.node_rank",
+                 f"got {self.node_rank}; must be in [0, cluster.nnodes={self.nnodes})")
+        _one_of(self.rdzv_backend, ("c10d", "static"), "cluster.rdzv_backend")
+        _require(self.nnodes == 1 or bool(self.rdzv_endpoint), "cluster.rdzv_endpoint",
+                 f"required with cluster.nnodes={self.nnodes}: pass cluster.rdzv_endpoint=<first node>:<free port>, "
+                 f"the same on every node")
+        _require(not self.rdzv_endpoint or ":" in self.rdzv_endpoint, "cluster.rdzv_endpoint",
+                 f"got {self.rdzv_endpoint!r}; use host:port, e.g. node001:29500")
+        _require(self.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
 
 
 @dataclass
 class LoggerConfig:
+    """Where metrics go besides metrics.jsonl (always written): see launcher/loggers.py."""
+
     name: str = "console"
-    progress_bar: bool = True
+    progress_bar: bool = True  # tqdm on rank 0
+    wandb: bool = False
+    tensorboard: bool = False  # needs `pip install tensorboard`
+    project: str = "slipstream"  # wandb project
+    entity: Optional[str] = None  # wandb entity (team); None: the account's default
+    group: Optional[str] = None  # wandb group; None: the Hydra sweep's directory name in a sweep
+    tags: List[str] = field(default_factory=list)
+    mode: str = "auto"  # wandb: auto (online with WANDB_API_KEY and a network, else offline) | online | offline
+    peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU; 0: from the table in launcher/flops.py
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, ("auto", "online", "offline"), "logger.mode")
+        _require(self.peak_tflops >= 0, "logger.peak_tflops", "must be >= 0 (0 = look the device up)")
 
 
 @dataclass

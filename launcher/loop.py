@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 
 from kernels.reference import IGNORE_INDEX
-from launcher import evaluate
+from launcher import evaluate, preemption
 from launcher.batching import BatchPlan, scaled_lr
 from launcher.config import Config
 from launcher.data import GlobalBatchSampler, collate, load_splits, load_tokenizer
-from launcher.metrics import MetricsLog
+from launcher.flops import device_peak_flops, flops_per_token
+from launcher.guards import NonFiniteGuard
+from launcher.loggers import check_installed
+from launcher.metrics import MetricsLog, ThroughputWindow, with_perplexity
 from launcher.model_factory import build_model
 from launcher.topology import Topology
 from strategies import build_strategy, checkpoint
@@ -100,14 +103,21 @@ def train_step(model, strategy, micro_batches: list[dict], precision: Precision,
                 micro_loss_sum, _ = model(**batch)
             strategy.backward(micro_loss_sum, global_targets)
         loss_sum += micro_loss_sum.detach().float()
-    grad_norm = strategy.step(grad_clip)
+    # The loss before the step: a NaN/inf loss on any rank makes every rank skip the update.
     loss = strategy.all_reduce_sum(loss_sum) / global_targets.clamp(min=1)
+    grad_norm = strategy.step(grad_clip, loss)
     return loss, grad_norm, global_tokens
 
 
+@preemption.handles_preemption  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, then return
 def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     """Run one training job into `run_dir`; returns the summary (also written to summary.json)."""
     topology = topology or Topology.from_env()
+    check_installed(cfg.logger)  # on every rank, before anything starts
+    if cfg.trainer.dry_run:
+        from launcher.dry_run import dry_run
+
+        return dry_run(cfg, show=topology.rank == 0)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = topology.device(cfg.trainer.device)
     precision = Precision.resolve(cfg.trainer.precision, device)
@@ -117,9 +127,11 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
     train_set, eval_set = load_splits(cfg.data, tokenizer, cfg.trainer.seq_len, cfg.trainer.seed)
-    model = build_model(cfg.model, len(tokenizer), device, precision.param_dtype, cfg.trainer.seed)
+    model = build_model(cfg.model, len(tokenizer), device, precision.param_dtype, cfg.trainer.seed, cfg.peft)
     model.enable_activation_checkpointing(cfg.trainer.activation_checkpointing == "full")
+    model_flops_per_token = flops_per_token(model, cfg.trainer.seq_len)  # before sharding hides the shapes
 
+    stamp = checkpoint.run_stamp(model.config, cfg)  # recorded in every checkpoint, checked on resume
     strategy = build_strategy(cfg, device)
     model = strategy.setup(model, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lr_lambda(cfg))
@@ -128,7 +140,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
 
     state = {"tokens": 0, "samples": 0}
     start_step = 0
-    resume_from = _resume_path(cfg.trainer.resume, checkpoints)
+    resume_from = checkpoint.select_resume(cfg.trainer.resume, checkpoints, stamp["identity"], strategy)
     if resume_from:
         state = strategy.load_checkpoint(resume_from, scheduler)
         start_step = state.pop("step")
@@ -147,87 +159,108 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
         if cfg.data.eval_exact_match:
             result["eval_exact_match"] = evaluate.exact_match(core, tokenizer, eval_set, 128, device,
                                                               precision.autocast)
-        return result
+        return with_perplexity(result)
 
     initial_eval = run_eval() if start_step == 0 else {}
-    metrics = MetricsLog(run_dir, cfg.trainer.max_steps, start_step, strategy.is_main, cfg.logger.progress_bar)
+    metrics = MetricsLog(cfg, run_dir, start_step, strategy.is_main)
+    window = ThroughputWindow(device, topology.world_size, model_flops_per_token,
+                              device_peak_flops(device, cfg.logger.peak_tflops), cfg.trainer.max_steps, start_step)
+    guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
     started = time.perf_counter()
     last_loss = float("nan")
-    tokens_this_run = 0
+    eval_losses = []
+    last_checkpoint, stop_signal = resume_from, None  # this run's newest checkpoint; a preemption signal
+
+    def save(step: int):
+        return strategy.save_checkpoint(checkpoints, step, scheduler, {**state, **stamp}, cfg.trainer.keep_last)
+
     model.train()
-    window_tokens, window_start = 0, started
     for step in range(start_step, cfg.trainer.max_steps):
-        micro_batches = [collate([train_set[i] for i in idx], pad_id)
-                         for idx in sampler.micro_batches(step, topology.rank, topology.world_size,
-                                                          plan.micro_batch_size)]
+        with window.timed("data_s"):
+            micro_batches = [collate([train_set[i] for i in idx], pad_id)
+                             for idx in sampler.micro_batches(step, topology.rank, topology.world_size,
+                                                              plan.micro_batch_size)]
         loss, grad_norm, global_tokens = train_step(model, strategy, micro_batches, precision, pad_id,
                                                     cfg.trainer.grad_clip)
+        guard.update(loss, grad_norm)
         step_lr = scheduler.get_last_lr()[0]
         scheduler.step()
 
-        window_tokens += global_tokens
+        window.add_step(global_tokens)
         state["samples"] += plan.global_batch_size
         done = step + 1
-        saving = cfg.trainer.save_every and done % cfg.trainer.save_every == 0 and done < cfg.trainer.max_steps
-        if done % cfg.trainer.log_every == 0 or done == cfg.trainer.max_steps or saving:
-            # The one host sync of the logging window; tokens/s is over the whole window.
-            new_tokens, last_loss = int(window_tokens), loss.item()
-            now = time.perf_counter()
+        stop_signal = preemption.requested(strategy)  # the same on every rank: all save this step, then stop
+        saving = stop_signal or (cfg.trainer.save_every and done % cfg.trainer.save_every == 0
+                                 and done < cfg.trainer.max_steps)
+        evaluating = cfg.trainer.eval_every and done % cfg.trainer.eval_every == 0 and done < cfg.trainer.max_steps
+        eval_result = {}
+        if evaluating:
+            with window.timed("eval_s"):
+                eval_result = run_eval()
+            eval_losses += [eval_result["eval_loss"]] if "eval_loss" in eval_result else []
+            metrics.write(f"step {done}: " + _format_eval(eval_result))
+        logging_step = done % cfg.trainer.log_every == 0 or done == cfg.trainer.max_steps
+        if logging_step or saving or evaluating or guard.must_stop:
+            # The one host sync of the logging window (loss.item()); the window's numbers are read after it.
+            last_loss = loss.item()
+            perf, new_tokens = window.flush(done)
             state["tokens"] += new_tokens
-            tokens_this_run += new_tokens
             metrics.log({"step": done, "loss": last_loss, "lr": step_lr, "grad_norm": float(grad_norm),
-                         "tokens": state["tokens"], "tokens_per_s": new_tokens / (now - window_start),
-                         "elapsed_s": now - started})
-            window_tokens, window_start = 0, now
+                         "tokens": state["tokens"], **perf, "skipped_steps": guard.skipped, **eval_result})
         metrics.advance()
-        if cfg.trainer.eval_every and done % cfg.trainer.eval_every == 0 and done < cfg.trainer.max_steps:
-            metrics.write(f"step {done}: " + _format_eval(run_eval()))
-        if saving:
-            strategy.save_checkpoint(checkpoints, done, scheduler, state, cfg.trainer.keep_last)
-    metrics.close()
+        if guard.must_stop:  # every rank decides alike; the bad state is not saved
+            metrics.close()
+            raise guard.error(done, last_checkpoint)
+        if saving and guard.last_step_finite:
+            with window.timed("checkpoint_s"):
+                last_checkpoint = save(done)
+        if stop_signal:
+            log.warning("%s received: stopped after step %d, checkpoint committed; run again to resume",
+                        stop_signal, done)
+            break
     wall = time.perf_counter() - started
 
-    final_step = max(start_step, cfg.trainer.max_steps)
-    last_checkpoint = checkpoint.find_latest(checkpoints)
-    if last_checkpoint is None or not last_checkpoint.name.endswith(f"{final_step:08d}"):
-        last_checkpoint = strategy.save_checkpoint(checkpoints, final_step, scheduler, state, cfg.trainer.keep_last)
-    final_eval = run_eval()
-    export_dir = _export(strategy, tokenizer, run_dir) if cfg.trainer.export_hf else None
-    steps_run = cfg.trainer.max_steps - start_step
+    final_step = done if stop_signal else max(start_step, cfg.trainer.max_steps)
+    if guard.last_step_finite and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{final_step:08d}")):
+        last_checkpoint = save(final_step)
+    final_eval = {} if stop_signal else run_eval()  # a preempted run has little time left
+    eval_losses += [final_eval["eval_loss"]] if "eval_loss" in final_eval else []
+    export_dir = _export(strategy, tokenizer, run_dir) if cfg.trainer.export_hf and not stop_signal else None
+    steps_run = final_step - start_step
     summary = {
-        "steps": final_step, "steps_this_run": steps_run, "tokens": state["tokens"], "wall_s": wall,
-        "tokens_per_s": tokens_this_run / wall if steps_run and wall > 0 else None,
+        "steps": final_step, "preempted": stop_signal, "steps_this_run": steps_run, "tokens": state["tokens"], "wall_s": wall,
+        "tokens_per_s": window.run_tokens / wall if steps_run and wall > 0 else None,
+        "mfu": window.run_mfu(), "skipped_steps": guard.skipped,
         "final_loss": last_loss if math.isfinite(last_loss) else None,
         "initial_eval": initial_eval, "final_eval": final_eval,
-        "checkpoint": str(last_checkpoint), "export": str(export_dir) if export_dir else None,
+        "best_eval_loss": min(eval_losses) if eval_losses else None,
+        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+        "export": str(export_dir) if export_dir else None,
         "peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
+    metrics.summary(summary)  # ends the progress bar; wandb/TensorBoard get the summary too
     if strategy.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         _print_summary(summary, run_dir)
+    metrics.close()  # last: prints `wandb sync ...` for an offline run
     return summary
 
 
-def _resume_path(resume: str, checkpoints: Path) -> Path | None:
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return checkpoint.find_latest(checkpoints)
-    path = Path(resume)
-    if not checkpoint.is_committed(path):
-        raise ValueError(f"trainer.resume={resume}: not a committed checkpoint directory "
-                         f"(expected {path}/{checkpoint.COMMIT_MARKER}); use auto, never or a checkpoints/step-N path")
-    return path
-
-
 def _export(strategy, tokenizer, run_dir: Path) -> Path | None:
-    """Every rank takes part in gathering the full weights; rank 0 writes them."""
+    """Every rank takes part in gathering the full weights; rank 0 writes them.
+
+    A LoRA run also writes its peft adapter (run_dir/adapter); run_dir/hf then holds the merged model.
+    """
     from kernels.models import save_pretrained
+    from launcher import peft_export
 
     core = strategy.export_module()
     if not strategy.is_main:
         return None
     out = run_dir / "hf"
+    if peft_export.has_adapters(core):
+        peft_export.save_adapter(core, run_dir / "adapter")
+        core = peft_export.merged(core)
     save_pretrained(core, out)
     tokenizer.save_pretrained(out)
     return out
@@ -266,5 +299,13 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     if after:
         lines.append(f"held-out: {_format_eval(before)} -> {_format_eval(after)}" if before
                      else f"held-out: {_format_eval(after)}")
+    extras = [f"MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else None,
+              f"peak memory {summary['peak_alloc_gib']:.2f} GiB" if summary["peak_alloc_gib"] is not None else None,
+              f"best eval loss {summary['best_eval_loss']:.4f}" if summary["best_eval_loss"] is not None else None,
+              f"{summary['skipped_steps']} non-finite steps skipped" if summary["skipped_steps"] else None]
+    if any(extras):
+        lines.append(", ".join(filter(None, extras)))
+    export = f"; export: {summary['export']}" if summary["export"] else ""
+    lines.append(f"checkpoint: {summary['checkpoint']}{export}")
     lines.append(f"run dir: {run_dir}")
     print("\n".join(lines), flush=True)

@@ -20,23 +20,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from launcher.config import Config, OptimConfig
+from launcher.config import Config
+from launcher.guards import finite_step
 from strategies import checkpoint
-
-
-def adamw_param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not norms, biases); frozen parameters left out."""
-    decay = [p for name, p in named if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for name, p in named if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def build_adamw(params: list[nn.Parameter], named: list[tuple[str, nn.Parameter]], cfg: OptimConfig,
-                lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not norms, biases), fused on CUDA."""
-    return torch.optim.AdamW(adamw_param_groups(named, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, fused=device.type == "cuda")
+from strategies.optimizers import build_optimizer
 
 
 class Strategy:
@@ -60,7 +47,7 @@ class Strategy:
         """Move/wrap the model core and build its optimizer; returns the module to call."""
         self.model = model.to(self.device)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.optimizer = build_adamw([p for _, p in named], named, self.cfg.optim, lr, self.device)
+        self.optimizer = build_optimizer(named, self.cfg.optim, lr, self.device)
         return self.model
 
     @contextlib.contextmanager
@@ -70,12 +57,17 @@ class Strategy:
     def backward(self, loss_sum: torch.Tensor, global_target_tokens: torch.Tensor) -> None:
         (loss_sum / global_target_tokens.clamp(min=1)).backward()
 
-    def step(self, grad_clip: float) -> torch.Tensor:
-        """Clip, step, zero; returns the total gradient norm before clipping."""
+    def step(self, grad_clip: float, loss: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip, step, zero; returns the total gradient norm before clipping.
+
+        With `loss` (the step's loss, the same on every rank) a NaN/inf loss or gradient
+        norm skips the update on every rank alike (launcher/guards.py).
+        """
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = grad_clip if grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.optimizer.step()
+        if loss is None or finite_step(loss, grad_norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -91,14 +83,15 @@ class Strategy:
         return self.unwrapped() if self.is_main else None
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(all parameters, trainable parameters) of the whole model, however it is sharded."""
+        """(all parameters, trainable parameters) of the whole model, however it is sharded or quantised."""
         params = list(self.unwrapped().parameters())
-        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+        # a 4-bit weight (QLoRA) packs two values per byte; its quant_state knows the real shape
+        count = lambda p: p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+        return sum(map(count, params)), sum(count(p) for p in params if p.requires_grad)
 
     def save_checkpoint(self, root, step: int, scheduler, trainer_state: dict, keep_last: int):
         """Write checkpoint `step` under `root` atomically; returns its committed path."""
-        return checkpoint.save(root, step, self.model, self.optimizer, scheduler, trainer_state, self.rank,
-                               self.barrier, keep_last)
+        return checkpoint.save(root, step, self.model, self.optimizer, scheduler, trainer_state, self, keep_last)
 
     def load_checkpoint(self, path, scheduler) -> dict:
         """Restore model, optimizer, scheduler and RNG from `path`; returns the trainer state."""

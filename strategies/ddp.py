@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from strategies.base import build_adamw
 from strategies.distributed import DataParallelStrategy
+from strategies.optimizers import build_optimizer
 
 
 class DDPStrategy(DataParallelStrategy):
@@ -24,7 +24,7 @@ class DDPStrategy(DataParallelStrategy):
         self.ddp = DistributedDataParallel(core, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.model = self.ddp
         named = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
-        self.optimizer = build_adamw([p for _, p in named], named, self.cfg.optim, lr, self.device)
+        self.optimizer = build_optimizer(named, self.cfg.optim, lr, self.device)
         return self.ddp
 
     @contextlib.contextmanager

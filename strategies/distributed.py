@@ -11,6 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from kernels.models.lora import apply_lora
 from launcher.config import Config
 from strategies.base import Strategy
 
@@ -76,11 +77,18 @@ class DataParallelStrategy(Strategy):
         dist.barrier()
 
 
+def core_spec(model: torch.nn.Module) -> tuple:
+    """What `plain_core` needs to rebuild `model`: class, config, ops and its LoRA spec (None without adapters)."""
+    return type(model), model.config, model.ops, getattr(model, "lora_spec", None)
+
+
 def plain_core(spec: tuple, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A fresh, unwrapped model core (class, config, ops) holding the full tensors of `state` (on CPU)."""
-    cls, config, ops = spec
+    """A fresh, unwrapped model core (`core_spec`) holding the full tensors of `state` (on CPU)."""
+    cls, config, ops, lora_spec = spec
     with torch.device("meta"):
         core = cls(config, ops)
+        if lora_spec is not None:
+            apply_lora(core, lora_spec)
     missing, unexpected = core.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         core.lm_head.weight = core.model.embed_tokens.weight

@@ -28,8 +28,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from strategies.base import build_adamw
-from strategies.distributed import DataParallelStrategy, plain_core
+from kernels.models.lora import has_4bit_weights
+from launcher.guards import finite_step
+from strategies.distributed import DataParallelStrategy, core_spec, plain_core
+from strategies.optimizers import build_optimizer
 
 # Methods of the model core that evaluation calls instead of forward; FSDP must gather around them.
 # (Not hidden_states: forward calls it, and a nested root hook would reshard mid-forward.)
@@ -61,8 +63,11 @@ class FSDPStrategy(DataParallelStrategy):
         return MixedPrecisionPolicy()
 
     def setup(self, model: nn.Module, lr: float) -> nn.Module:
+        if has_4bit_weights(model):  # FSDP2 would turn Params4bit into plain tensors and drop the quant_state
+            raise ValueError(f"peft.method=qlora does not work with strategy={self.cfg.strategy.name} yet: FSDP2 loses "
+                             f"the 4-bit weights' quantisation state; use strategy=ddp or single, or peft=lora")
         model = model.to(self.device)
-        self._core = (type(model), model.config, model.ops)
+        self._core = core_spec(model)
         shard = dict(mesh=self.mesh, reshard_after_forward=self.cfg.strategy.reshard_after_forward,
                      mp_policy=self._mixed_precision())
         for block in model.model.layers:
@@ -72,7 +77,7 @@ class FSDPStrategy(DataParallelStrategy):
             register_fsdp_forward_method(model, method)
         self.model = model
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.optimizer = build_adamw([p for _, p in named], named, self.cfg.optim, lr, self.device)
+        self.optimizer = build_optimizer(named, self.cfg.optim, lr, self.device)
         return model
 
     @contextlib.contextmanager
@@ -83,15 +88,16 @@ class FSDPStrategy(DataParallelStrategy):
     def backward(self, loss_sum: torch.Tensor, global_target_tokens: torch.Tensor) -> None:
         (loss_sum * (self.world_size / global_target_tokens.clamp(min=1))).backward()
 
-    def step(self, grad_clip: float) -> torch.Tensor:
-        """Clip on the sharded (DTensor) gradients: the norm is reduced over the mesh first."""
+    def step(self, grad_clip: float, loss: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip on the sharded (DTensor) gradients: the norm is reduced over the mesh first; skip if non-finite."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
         if grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
-        self.optimizer.step()
+        if loss is None or finite_step(loss, grad_norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 

@@ -23,9 +23,9 @@ PAD = 0
 class GradCapture(SingleDevice):
     """Records the gradients the optimizer is about to apply."""
 
-    def step(self, grad_clip: float) -> torch.Tensor:
+    def step(self, grad_clip: float, loss: torch.Tensor | None = None) -> torch.Tensor:
         self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
-        return super().step(grad_clip)
+        return super().step(grad_clip, loss)
 
 
 def make_examples(n: int = 8) -> list[Example]:

@@ -267,7 +267,7 @@ def test_sync_counter_catches_a_sync_on_every_micro_batch(tmp_path):
     (["strategy=ddp", "cluster.nproc_per_node=3"], "nearest valid global_batch_size"),
     (["strategy=zero3_offload", "trainer.device=cpu"], "strategy.offload_optimizer=true: offloading moves GPU"),
     (["cluster.nproc_per_node=0"], "cluster.nproc_per_node: must be >= 1"),
-    (["strategy=ddp", "cluster.nnodes=2"], "cluster.nnodes=2: `launch` starts processes on this node only"),
+    (["strategy=ddp", "cluster.nnodes=2"], "cluster.rdzv_endpoint: required with cluster.nnodes=2"),
 ])
 def test_bad_strategy_config_fails_in_one_line(overrides, expected):
     from launcher.compose import ConfigError, validate
