@@ -33,26 +33,29 @@ themselves, so ZeRO's losses come out lower and its memory higher.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from kernels.models.lora import has_4bit_weights
 from launcher.batching import BatchPlan
 from launcher.config import Config
 from strategies import checkpoint
-from strategies.base import adamw_param_groups
-from strategies.distributed import DataParallelStrategy, plain_core
+from strategies.optimizers import adamw_param_groups
+from strategies.distributed import DataParallelStrategy, core_spec, plain_core
 
 log = logging.getLogger(__name__)
 
-_DS_TAG = "deepspeed"  # the engine's checkpoint lives in step-N/deepspeed/
+_DS_TAG = checkpoint.DEEPSPEED_DIR  # the engine's checkpoint lives in step-N/deepspeed/
 
 
 def uses_bf16(cfg: Config, device_type: str) -> bool:
@@ -167,6 +170,11 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def saved_world_size(path: Path) -> int:
+    """The data-parallel size that wrote a ZeRO checkpoint: one optimizer partition file per rank (bf16_ in bf16)."""
+    return len(list((path / _DS_TAG).glob("*zero_pp_rank_*_optim_states.pt")))
+
+
 class _ForwardOrLogits(nn.Module):
     """The core behind a single forward, so that ZeRO-3's hooks and parameter discovery also cover `logits`.
 
@@ -214,11 +222,15 @@ class ZeROStrategy(DataParallelStrategy):
         self.stage = cfg.strategy.zero_stage
 
     def setup(self, model: nn.Module, lr: float) -> nn.Module:
+        if has_4bit_weights(model):  # ZeRO partitions and casts parameters; Params4bit's quant_state would not follow
+            raise ValueError(f"peft.method=qlora does not work with strategy={self.cfg.strategy.name} yet: DeepSpeed "
+                             f"does not keep the 4-bit weights' quantisation state; use strategy=ddp or single, "
+                             f"or peft=lora")
         trainer = self.cfg.trainer
         plan = BatchPlan.resolve(trainer.global_batch_size, trainer.micro_batch_size, self.world_size)
         self.ds_config = deepspeed_config(self.cfg, plan, lr, uses_bf16(self.cfg, self.device.type),
                                           self.device.type)
-        self._core = (type(model), model.config, model.ops)
+        self._core = core_spec(model)
         self.core = model.to(self.device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         engine, _, _, _ = self.deepspeed.initialize(model=_ForwardOrLogits(self.core) if self.stage == 3 else self.core,
@@ -241,8 +253,13 @@ class ZeROStrategy(DataParallelStrategy):
         loss = loss_sum * (self.world_size / global_target_tokens.clamp(min=1))
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, grad_clip: float) -> torch.Tensor:
-        """Reduce (stage 1), clip (gradient_clipping from trainer.grad_clip), step, zero."""
+    def step(self, grad_clip: float, loss: torch.Tensor | None = None) -> torch.Tensor:
+        """Reduce (stage 1), clip (gradient_clipping from trainer.grad_clip), step, zero.
+
+        The engine decides about non-finite gradients itself (`loss` is not used): ZeRO-1/2
+        skip the step, ZeRO-3 outside fp16 applies it; the loop's guard counts such steps
+        and stops the run (launcher/guards.py).
+        """
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return torch.tensor(float("nan") if norm is None else float(norm))
@@ -270,16 +287,53 @@ class ZeROStrategy(DataParallelStrategy):
         def write_deepspeed(tmp: Path) -> None:
             self.engine.save_checkpoint(str(tmp), tag=_DS_TAG, save_latest=False)
 
-        return checkpoint.commit(root, step, write_deepspeed, scheduler, trainer_state, self.rank, self.barrier,
-                                 keep_last)
+        return checkpoint.commit(root, step, write_deepspeed, scheduler, trainer_state, self, keep_last)
 
     def load_checkpoint(self, path: Path, scheduler) -> dict:
         checkpoint.require_committed(path)
         if not (path / _DS_TAG).is_dir():
-            raise ValueError(f"trainer.resume={path}: not a DeepSpeed checkpoint (no {_DS_TAG}/ inside); "
-                             f"resume it with the strategy that wrote it")
-        loaded, _ = self.engine.load_checkpoint(str(path), tag=_DS_TAG, load_lr_scheduler_states=False)
+            raise ValueError(f"trainer.resume={path}: a DCP checkpoint (single/ddp/fsdp/hsdp), not a DeepSpeed one; "
+                             f"resume it with one of those strategies, or export the weights (launch export "
+                             f"run={path} out=DIR) and start a new run from model.path=DIR")
+        saved = saved_world_size(path)
+        if saved == self.world_size:
+            loaded, _ = self.engine.load_checkpoint(str(path), tag=_DS_TAG, load_lr_scheduler_states=False)
+        else:
+            loaded = self._load_universal(path, saved)
         if loaded is None:
-            raise ValueError(f"trainer.resume={path}: DeepSpeed could not load it (written at another world size? "
-                             f"ZeRO checkpoints are tied to their data-parallel size)")
+            raise ValueError(f"trainer.resume={path}: DeepSpeed could not load it (see its log above)")
         return checkpoint.restore_trainer_state(path, scheduler, self.rank)
+
+    def _load_universal(self, path: Path, saved: int):
+        """Another data-parallel size: DeepSpeed's universal checkpoint format reshards the ZeRO state.
+
+        Rank 0 converts (deepspeed/checkpoint/ds_to_universal.py) into a hidden sibling
+        directory, every rank loads it with load_universal on, rank 0 removes it.
+        """
+        from deepspeed.checkpoint import ds_to_universal
+
+        universal = path.parent / f".universal-{path.name}"
+        if self.is_main:
+            log.warning("resharding %s from %d to %d ranks through a DeepSpeed universal checkpoint",
+                        path, saved, self.world_size)
+            shutil.rmtree(universal, ignore_errors=True)
+            # its command-line arguments (parse_arguments reads sys.argv); one worker each: no process
+            # pools forked from a training rank
+            ds_to_universal.main(argparse.Namespace(
+                input_folder=str(path / _DS_TAG), output_folder=str(universal / _DS_TAG), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        self.barrier()
+        self.engine._config.load_universal_checkpoint = True  # what {"checkpoint": {"load_universal": true}} sets
+        try:
+            loaded, _ = self.engine.load_checkpoint(str(universal), tag=_DS_TAG, load_lr_scheduler_states=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+            self.barrier()
+            if self.is_main:
+                shutil.rmtree(universal, ignore_errors=True)
+        # The stage-3 loader gives every partition the same `step` tensor, which torch's AdamW then increments
+        # once per partition per step (deepspeed/runtime/zero/stage3.py, _load_universal_checkpoint): unshare it.
+        for param_state in self.optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
+        return loaded

@@ -1,0 +1,117 @@
+"""`launch export run=<run dir or checkpoint dir> out=<dir>`: a Hugging Face directory from any checkpoint.
+
+One process, no process group, no GPU, whatever strategy and world size wrote the
+checkpoint: DCP checkpoints (single, ddp, fsdp, hsdp) are read with `dcp.load`, which
+gathers the shards into full tensors; DeepSpeed ones with its `zero_to_fp32`. The
+architecture and tokenizer come from the run's resolved config.yaml (and model.path
+when the run started from a Hugging Face model). The checkpoint is verified first
+(checkpoint.problem); for a run directory that is its newest sound checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from strategies import checkpoint
+
+USAGE = "usage: launch export run=<run dir or checkpoints/step-N dir> out=<dir>"
+
+
+def export(run: Path, out: Path) -> Path:
+    """Writes config.json, model.safetensors and the tokenizer of `run`'s checkpoint into `out`."""
+    from kernels.models import DecoderLM, load_config, save_pretrained
+    from launcher.data import load_tokenizer
+    from launcher.loop import Precision
+    from launcher.model_factory import architecture
+    from strategies.distributed import core_spec, plain_core
+
+    run_dir, step_dir = _locate(run)
+    cfg = _run_config(run_dir)
+    if cfg.peft.method != "none":
+        raise ValueError(f"run={run}: a peft={cfg.peft.method} run; exporting adapters from a checkpoint is not "
+                         f"supported yet: use the adapter/ and hf/ directories the run wrote at its end")
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
+    config = load_config(cfg.model.path) if cfg.model.path else architecture(cfg.model, len(tokenizer))
+    identity = checkpoint.run_stamp(config, cfg)["identity"]
+    if step_dir is None:
+        step_dir = checkpoint.select_resume("auto", run_dir / "checkpoints", identity)
+        if step_dir is None:
+            raise ValueError(f"run={run}: no sound committed checkpoint under {run_dir / 'checkpoints'}")
+    else:
+        found = checkpoint.problem(step_dir, identity)
+        if found:
+            raise ValueError(f"run={run}: {found}; pass another checkpoints/step-N directory or the run directory")
+    with torch.device("meta"):
+        spec = core_spec(DecoderLM(config))
+    if (step_dir / checkpoint.DEEPSPEED_DIR).is_dir():
+        state = _deepspeed_state(step_dir)
+    else:
+        dtype = Precision.resolve(cfg.trainer.precision, torch.device("cpu")).param_dtype
+        state = _dcp_state(step_dir, spec, dtype)
+    save_pretrained(plain_core(spec, state), out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _locate(run: Path) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint directory or None for "the newest")."""
+    if (run / "config.yaml").is_file():
+        return run, None
+    if (run / checkpoint.TRAINER_STATE).is_file() and (run.parent.parent / "config.yaml").is_file():
+        return run.parent.parent, run  # RUN/checkpoints/step-N
+    raise ValueError(f"run={run}: neither a run directory (with config.yaml) nor one of its "
+                     f"checkpoints/step-N directories")
+
+
+def _run_config(run_dir: Path):
+    """The typed config the run used; only value checks (the run's data need not exist here)."""
+    from launcher.config import Config
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / "config.yaml")))
+    except Exception as err:  # noqa: BLE001 - OmegaConf and schema errors alike: the file is not ours
+        raise ValueError(f"run={run_dir}: config.yaml does not fit this version's schema ({err})") from None
+
+
+def _dcp_state(step_dir: Path, spec: tuple, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's full tensors from a DCP checkpoint, read without a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    cls, config, ops = spec[:3]
+    with torch.device("meta"):
+        shapes = cls(config, ops).state_dict()
+    if config.tie_word_embeddings:
+        del shapes["lm_head.weight"]  # the embedding, tied again on load
+    state = {"model": {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
+                       for k, v in shapes.items()}}
+    dcp.load(state, checkpoint_id=str(step_dir))
+    return state["model"]
+
+
+def _deepspeed_state(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights that zero_to_fp32 assembles from the per-rank ZeRO partitions."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=checkpoint.DEEPSPEED_DIR)
+    # ZeRO-3 wraps the core in a module whose attribute is `core` (strategies/zero.py _ForwardOrLogits)
+    return {k.removeprefix("core."): v for k, v in state.items()}
+
+
+def main(argv: list[str]) -> None:
+    args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
+    unknown = [arg for arg in argv if "=" not in arg or arg.split("=", 1)[0] not in ("run", "out")]
+    if unknown or not {"run", "out"} <= args.keys():
+        print(f"launch export: error: {' '.join(unknown) or 'run= and out= are required'}\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        out = export(Path(args["run"]), Path(args["out"]))
+    except ValueError as err:
+        print(f"launch export: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"exported {out}")
