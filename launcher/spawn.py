@@ -1,8 +1,10 @@
-"""One node, several processes: `launch` starts torchrun on the resolved config and waits for it.
+"""`launch` starts torchrun on the resolved config and waits for it: one node, or this node of several.
 
 The launcher composed and validated the config once and wrote it to the run
 directory; every worker reads that file (`python -m launcher.train --resolved ...`),
-so no rank composes Hydra defaults again or picks its own run directory.
+so no rank composes Hydra defaults again or picks its own run directory. On several
+nodes, `launch` runs on each with the same overrides and an explicit, shared
+`hydra.run.dir`; the agents meet through the c10d rendezvous at cluster.rdzv_endpoint.
 """
 from __future__ import annotations
 
@@ -12,13 +14,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launcher.config import ClusterConfig
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# torchrun passes only SIGTERM, SIGINT, SIGHUP and SIGQUIT on by default; Slurm's
+# preemption warning is SIGUSR1 (FIELD_NOTES), which workers turn into a checkpoint.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
-def torchrun_command(resolved: Path, nproc_per_node: int) -> list[str]:
-    # --standalone: a rendezvous on localhost with a free port (nothing hard-coded, nothing to clash).
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            "-m", "launcher.train", "--resolved", str(resolved)]
+def needs_torchrun(cluster: ClusterConfig) -> bool:
+    """One process without restarts runs in-process; anything else needs torchrun's agent."""
+    return cluster.nproc_per_node * cluster.nnodes > 1 or cluster.max_restarts > 0
+
+
+def rendezvous_args(cluster: ClusterConfig) -> list[str]:
+    if cluster.nnodes == 1 and not cluster.rdzv_endpoint:
+        # A rendezvous on localhost with a free port: nothing hard-coded, nothing to clash.
+        return ["--standalone"]
+    return [f"--nnodes={cluster.nnodes}", f"--rdzv_backend={cluster.rdzv_backend}",
+            f"--rdzv_endpoint={cluster.rdzv_endpoint}", f"--rdzv_id={cluster.rdzv_id}",
+            f"--node_rank={cluster.node_rank}"]
+
+
+def torchrun_command(resolved: Path, cluster: ClusterConfig) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous_args(cluster),
+            f"--nproc_per_node={cluster.nproc_per_node}", f"--max_restarts={cluster.max_restarts}",
+            f"--signals_to_handle={FORWARDED_SIGNALS}", "-m", "launcher.train", "--resolved", str(resolved)]
 
 
 def worker_env() -> dict[str, str]:
@@ -30,14 +51,14 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def run_torchrun(resolved: Path, nproc_per_node: int) -> int:
-    """Runs torchrun to completion; returns its exit code. SIGTERM/SIGHUP are passed on to it."""
-    process = subprocess.Popen(torchrun_command(resolved, nproc_per_node), env=worker_env())
+def run_torchrun(resolved: Path, cluster: ClusterConfig) -> int:
+    """Runs torchrun to completion; returns its exit code. SIGTERM/SIGHUP/SIGUSR1 are passed on to it."""
+    process = subprocess.Popen(torchrun_command(resolved, cluster), env=worker_env())
 
     def forward(signum, _frame):
         process.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)}
     try:
         while True:
             try:
