@@ -26,6 +26,7 @@ class Ops:
     apply_rope: Callable
     swiglu: Callable
     linear_cross_entropy: Callable
+    lora_projections: Callable
 
 
 REFERENCE_OPS = Ops(
@@ -35,6 +36,7 @@ REFERENCE_OPS = Ops(
     apply_rope=reference.apply_rope,
     swiglu=reference.swiglu,
     linear_cross_entropy=reference.linear_cross_entropy,
+    lora_projections=reference.lora_projections,
 )
 
 _logged: set[str] = set()
@@ -50,6 +52,7 @@ def _triton_ops() -> Ops:
         apply_rope=ops.apply_rope,
         swiglu=ops.swiglu,
         linear_cross_entropy=ops.linear_cross_entropy,
+        lora_projections=ops.lora_projections,
     )
 
 

@@ -7,7 +7,7 @@ These define what each op computes. The model core calls them through
 Layouts: hidden states are [..., D]; q/k for RoPE are [B, T, H, Dh] (the layout the
 projections produce, before the transpose for attention); cos/sin are [B, T, Dh].
 Labels for the loss are already shifted: labels[i] is the token to predict from
-hidden[i], or `ignore_index`.
+hidden[i], or `ignore_index`. LoRA weights are peft's: A is [r, in], B is [out, r].
 """
 from __future__ import annotations
 
@@ -75,3 +75,40 @@ def linear_cross_entropy(
     logits = (hidden_ND @ weight_VD.t()).float()
     loss_sum = F.cross_entropy(logits, labels_N, ignore_index=ignore_index, reduction="sum")
     return loss_sum, (labels_N != ignore_index).sum()
+
+
+def dense_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A frozen base weight as a dense matrix: QLoRA's 4-bit Params4bit dequantized (to `dtype`, default
+    its compute dtype), any other weight as it is."""
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return weight
+    import bitsandbytes.functional as bnb_functional  # only QLoRA models hold quantised weights
+
+    return bnb_functional.dequantize_4bit(weight.data, quant_state).to(dtype or quant_state.dtype)
+
+
+def lora_projections(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    lora_As: list[torch.Tensor | None],
+    lora_Bs: list[torch.Tensor | None],
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Projections of one input: y_i = x W_i^T + b_i + scaling * dropout(x) A_i^T B_i^T.
+
+    A projection without an adapter has A_i = B_i = None. The base weights are frozen
+    (peft trains adapters only). All adapters of the group share one dropout mask,
+    as the fused op does: it reads x once for every adapter of the group.
+    """
+    dropped = F.dropout(x, dropout_p, training) if dropout_p else x
+    outs = []
+    for weight, bias, lora_A, lora_B in zip(weights, biases, lora_As, lora_Bs):
+        y = F.linear(x, dense_weight(weight, x.dtype), bias)
+        if lora_A is not None:
+            y = y + scaling * F.linear(F.linear(dropped, lora_A), lora_B)
+        outs.append(y)
+    return tuple(outs)

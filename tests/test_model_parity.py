@@ -10,6 +10,7 @@ import transformers
 
 from kernels.dispatch import REFERENCE_OPS
 from kernels.models import DecoderConfig, DecoderLM, load_pretrained
+from kernels.models.lora import LoraSpec, apply_lora
 
 TINY = dict(
     vocab_size=97,
@@ -148,6 +149,7 @@ def test_every_fused_op_goes_through_set_ops():
     fields = [f.name for f in dataclasses.fields(REFERENCE_OPS) if f.name != "name"]
     spy = dataclasses.replace(REFERENCE_OPS, **{f: counted(f, getattr(REFERENCE_OPS, f)) for f in fields})
     model = DecoderLM(tiny_config(model_type="qwen3"))
+    apply_lora(model, LoraSpec(r=2))  # adapted projections run through ops.lora_projections
     model.set_ops(spy)
     model(*batch())
     assert set(calls) == set(fields)

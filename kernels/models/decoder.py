@@ -2,8 +2,9 @@
 
 Parameter names match transformers' *ForCausalLM state_dict keys, so checkpoints load
 and export without renaming. Every fused op goes through `self.ops` (the PyTorch
-reference or Triton, see kernels.dispatch); attention is PyTorch SDPA. Each block in
-`model.layers` is a self-contained module so FSDP2 can shard it on its own.
+reference or Triton, see kernels.dispatch); attention is PyTorch SDPA. Projections go
+through `lora.project`: plain linear calls unless the layers carry adapters. Each block
+in `model.layers` is a self-contained module so FSDP2 can shard it on its own.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.dispatch import REFERENCE_OPS, Ops
 from kernels.models.config import DecoderConfig
+from kernels.models.lora import project
 from kernels.models.rope import rope_cos_sin, rope_parameters
 
 
@@ -44,9 +46,10 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD, cos_BTd, sin_BTd, mask_B1TT, ops: Ops) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q_BTHd = self.q_proj(x_BTD).view(B, T, -1, self.head_dim)
-        k_BTKd = self.k_proj(x_BTD).view(B, T, -1, self.head_dim)
-        v_BTKd = self.v_proj(x_BTD).view(B, T, -1, self.head_dim)
+        q_BTE, k_BTE, v_BTE = project(x_BTD, (self.q_proj, self.k_proj, self.v_proj), ops)
+        q_BTHd = q_BTE.view(B, T, -1, self.head_dim)
+        k_BTKd = k_BTE.view(B, T, -1, self.head_dim)
+        v_BTKd = v_BTE.view(B, T, -1, self.head_dim)
         if self.qk_norm:
             q_BTHd, k_BTKd = self.q_norm(q_BTHd, ops), self.k_norm(k_BTKd, ops)
         q_BTHd, k_BTKd = ops.apply_rope(q_BTHd, k_BTKd, cos_BTd, sin_BTd)
@@ -59,7 +62,7 @@ class Attention(nn.Module):
             scale=self.head_dim**-0.5,
             enable_gqa=True,
         )
-        return self.o_proj(out_BHTd.transpose(1, 2).reshape(B, T, -1))
+        return project(out_BHTd.transpose(1, 2).reshape(B, T, -1), (self.o_proj,), ops)[0]
 
 
 class MLP(nn.Module):
@@ -70,7 +73,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = project(x, (self.gate_proj, self.up_proj), ops)
+        return project(ops.swiglu(gate, up), (self.down_proj,), ops)[0]
 
 
 class DecoderBlock(nn.Module):
