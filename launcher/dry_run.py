@@ -1,0 +1,158 @@
+"""`trainer.dry_run=true` (or `launch --dry-run`): the plan of a run, printed without training.
+
+The model is built on the meta device (shapes, no memory), so an 8B plan is instant
+on a laptop. The memory estimate per device, in bytes, with P parameters (T trainable),
+W ranks and the strategy's sharding (1 = replicated, W = sharded over the ranks; HSDP
+shards over W / replicas; offloaded states count 0):
+
+    weights     P x param bytes / shard_params    (qlora: the adapted layers' base weights 0.5 bytes)
+    gradients   T x grad bytes / shard_grads      (fsdp, hsdp, zero2, zero3 shard them)
+    optimizer   T x optimizer bytes / shard_optim (fsdp, hsdp, zero1-3 shard them)
+    gathered    (root + 2 decoder blocks) x compute bytes, when parameters are sharded
+                (FSDP's / ZeRO-3's working set: the unit in use plus the one prefetched)
+    activations micro_batch x seq_len x L x (6h + 2 d_kv + 3 i) x compute bytes;
+                with activation checkpointing L x h per token plus one block's full set
+
+param bytes are 4 (fp32, bf16_autocast) or 2 (bf16); AdamW keeps two states in the
+parameters' dtype; DeepSpeed in bf16 keeps bf16 weights and gradients and 12 bytes of
+fp32 master weight + states per trainable parameter. The activation term counts what
+each block saves for backward (norm inputs and outputs, q/k/v, attention output, the
+MLP's gate, up and product); logits are computed in chunks and left out. Add the CUDA
+context and allocator slack (about 1-2 GiB). precision=auto is planned as
+bf16_autocast unless trainer.device=cpu.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from omegaconf import OmegaConf
+
+from launcher.batching import BatchPlan, scaled_lr
+from launcher.compose import effective_world_size
+from launcher.config import Config
+from launcher.flops import flops_per_token
+
+GIB = 2**30
+
+
+def build_meta_model(cfg: Config):
+    """The model core (with adapters, if any) on the meta device: shapes and counts without memory."""
+    from kernels.models import DecoderLM
+    from launcher.model_factory import add_adapters, architecture
+
+    if cfg.model.path:
+        from kernels.models.hf_io import load_config
+
+        config = load_config(cfg.model.path)
+    else:
+        vocab = cfg.model.vocab_size
+        if not vocab:
+            from launcher.data import load_tokenizer
+
+            vocab = len(load_tokenizer(cfg.model.path, cfg.model.tokenizer))
+        config = architecture(cfg.model, vocab)
+    with torch.device("meta"):
+        model = DecoderLM(config)
+        if cfg.peft.method != "none":  # qlora: its adapters; the 4-bit base is accounted for in bytes
+            add_adapters(model, dataclasses.replace(cfg.peft, method="lora"))
+    return model
+
+
+def planned_precision(cfg: Config) -> str:
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    return "fp32" if cfg.trainer.device == "cpu" else "bf16_autocast"
+
+
+def shard_factors(cfg: Config, world_size: int) -> tuple[int, int, int]:
+    """(params, gradients, optimizer states): over how many ranks each is split."""
+    name = cfg.strategy.name
+    if name == "fsdp":
+        return world_size, world_size, world_size
+    if name == "hsdp":
+        replicas = cfg.strategy.replicate_degree or cfg.cluster.nnodes
+        group = max(1, world_size // replicas)
+        return group, group, group
+    stage = cfg.strategy.zero_stage if name.startswith("zero") else 0
+    return (world_size if stage >= 3 else 1, world_size if stage >= 2 else 1, world_size if stage >= 1 else 1)
+
+
+def memory_estimate(cfg: Config, model, world_size: int) -> dict[str, float]:
+    """Bytes per device by kind (module docstring), in GiB."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    precision = planned_precision(cfg)
+    deepspeed = cfg.strategy.name.startswith("zero")
+    half = precision == "bf16" or (deepspeed and precision == "bf16_autocast")
+    param_bytes = 2 if half else 4
+    compute_bytes = 4 if precision == "fp32" else 2
+    optim_bytes = 12 if deepspeed and half else 2 * param_bytes
+    shard_params, shard_grads, shard_optim = shard_factors(cfg, world_size)
+    # qlora: the adapted layers' base weights are 4-bit (0.5 bytes); embeddings, norms and LM head are not
+    adapted = [m.weight for m in model.modules() if hasattr(m, "lora_A")]
+    quantized = sum(w.numel() for w in adapted) if cfg.peft.method == "qlora" else 0
+    weights = ((total - quantized) * param_bytes + quantized * 0.5) / shard_params
+    if cfg.strategy.offload_params:
+        weights = 0.0
+    optimizer = 0.0 if cfg.strategy.offload_optimizer else trainable * optim_bytes / shard_optim
+
+    c = model.config
+    blocks = model.model.layers
+    block_params = sum(p.numel() for p in blocks[0].parameters())
+    root_params = total - block_params * len(blocks)
+    gathered = (root_params + 2 * block_params) * compute_bytes if shard_params > 1 else 0.0
+    tokens = cfg.trainer.micro_batch_size * cfg.trainer.seq_len
+    per_block = 6 * c.hidden_size + 2 * c.num_key_value_heads * c.head_dim + 3 * c.intermediate_size
+    if cfg.trainer.activation_checkpointing == "full":
+        activation_elements = tokens * (c.num_hidden_layers * c.hidden_size + per_block)
+    else:
+        activation_elements = tokens * c.num_hidden_layers * per_block
+    parts = {
+        "weights": weights,
+        "gradients": trainable * param_bytes / shard_grads,
+        "optimizer": optimizer,
+        "gathered": gathered,
+        "activations": activation_elements * compute_bytes,
+    }
+    parts = {k: v / GIB for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def dry_run(cfg: Config, show: bool = True) -> dict:
+    """Prints (if `show`: rank 0) the resolved config, topology, batch, parameters and memory; returns the plan."""
+    world_size = effective_world_size(cfg)
+    plan = BatchPlan.resolve(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, world_size)
+    model = build_meta_model(cfg)
+    params = list(model.parameters())
+    total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    memory = memory_estimate(cfg, model, world_size)
+    result = {
+        "world_size": world_size, "micro_batch_size": plan.micro_batch_size,
+        "accumulation_steps": plan.accumulation_steps, "global_batch_size": plan.global_batch_size,
+        "params": total, "trainable_params": trainable,
+        "flops_per_token": flops_per_token(model, cfg.trainer.seq_len), "memory_gib": memory,
+    }
+    if not show:
+        return result
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+    lr = scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, plan.global_batch_size, cfg.optim.reference_batch_size)
+    step_tokens = plan.global_batch_size * cfg.trainer.seq_len
+    rows = [
+        ("topology", f"{cfg.cluster.nnodes} node(s) x {world_size // cfg.cluster.nnodes} process(es) = world size "
+                     f"{world_size}, strategy {cfg.strategy.name}"),
+        ("precision", f"{cfg.trainer.precision} (planned as {planned_precision(cfg)}), activation checkpointing "
+                      f"{cfg.trainer.activation_checkpointing}"),
+        ("batch", f"global {plan.global_batch_size} = micro {plan.micro_batch_size} x accumulation "
+                  f"{plan.accumulation_steps} x world {world_size}; "
+                  f"<= {step_tokens:,} tokens per step (seq_len {cfg.trainer.seq_len}); lr {lr:.3g}"),
+        ("parameters", f"{total:,} total, {trainable:,} trainable ({cfg.peft.method})"),
+        ("FLOPs/token", f"{result['flops_per_token']:.3g} (training, launcher/flops.py)"),
+        ("memory/device", ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")
+         + f" -> about {memory['total']:.2f} GiB (+ CUDA context)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("dry run (nothing trained):\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
+    return result

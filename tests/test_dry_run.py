@@ -1,0 +1,55 @@
+"""`trainer.dry_run=true` / `launch --dry-run`: the plan without training, the model on the meta device."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from launcher.compose import compose_config, to_config
+from launcher.dry_run import GIB, build_meta_model, dry_run
+
+
+def test_tiny_dry_run_counts_what_training_would_build_and_trains_nothing(tmp_path, capsys):
+    from launcher.loop import train
+
+    plan = train(to_config(compose_config(["trainer.dry_run=true"])), tmp_path)
+    assert plan["params"] == plan["trainable_params"] == 795_904  # the tiny model, as the start table says
+    assert (plan["world_size"], plan["micro_batch_size"], plan["accumulation_steps"]) == (1, 32, 2)
+    assert list(tmp_path.iterdir()) == []  # no metrics, no checkpoint
+    out = capsys.readouterr().out
+    assert "dry run (nothing trained)" in out and "max_steps: 600" in out  # the resolved config is printed
+
+
+def test_8b_fsdp_on_8_ranks_is_planned_instantly_on_the_meta_device():
+    cfg = to_config(compose_config(["model=llama3_8b", "strategy=fsdp", "cluster.nproc_per_node=8",
+                                    "trainer.micro_batch_size=8", "trainer.activation_checkpointing=full"]))
+    started = time.perf_counter()
+    plan = dry_run(cfg)
+    assert time.perf_counter() - started < 10
+    assert all(p.is_meta for p in build_meta_model(cfg).parameters())  # nothing allocated
+    assert plan["params"] == pytest.approx(8.03e9, rel=1e-3) and plan["accumulation_steps"] == 1
+    memory = plan["memory_gib"]
+    # bf16_autocast (auto on a GPU): fp32 weights and gradients, two fp32 AdamW states, all sharded over 8
+    assert memory["weights"] == pytest.approx(plan["params"] * 4 / 8 / GIB)
+    assert memory["optimizer"] == pytest.approx(2 * memory["gradients"]) == pytest.approx(2 * memory["weights"])
+    assert 0 < memory["activations"] < memory["total"] < 80
+    assert plan["flops_per_token"] == pytest.approx(6 * 7.5e9, rel=0.01)  # 6 x (non-embedding + LM head)
+
+
+def test_ddp_replicates_and_zero3_shards(capsys):
+    def plan(*overrides):
+        return dry_run(to_config(compose_config(["model=llama3_1b", "cluster.nproc_per_node=4",
+                                                 "trainer.micro_batch_size=8", *overrides])))["memory_gib"]
+
+    ddp, zero3 = plan("strategy=ddp"), plan("strategy=zero3", "trainer.precision=bf16_autocast")
+    assert ddp["weights"] == pytest.approx(4 * zero3["weights"] * 2)  # fp32 replicated vs bf16 sharded over 4
+    assert ddp["gathered"] == 0 < zero3["gathered"]
+
+
+def test_launch_dry_run_flag(tmp_path, monkeypatch, capsys):
+    from launcher.cli import main as launch
+
+    monkeypatch.chdir(tmp_path)
+    launch(["--dry-run", "model=llama3_8b", "trainer.micro_batch_size=8", f"hydra.run.dir={tmp_path}/run"])
+    assert "parameters     8,030,261,248 total" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
