@@ -1,0 +1,26 @@
+#!/bin/bash
+# 8B LoRA and QLoRA: Slipstream beside Unsloth and HF + peft, in one device call.
+#
+# 1. HERE, once (network):  bash benchmarks/run_gpu.sh --build-bundle
+#                           bash /work/shared/bench/make_peer_bundle.sh .peers/unsloth
+#                           cp /work/shared/bench/anchors.py /work/shared/bench/anchors_qlora_unsloth.py .peers/unsloth/
+# 2. ON THE DEVICE, carry [".peers"]:  bash benchmarks/run_peft_gpu.sh
+# Unsloth runs from the peers' own script (it needs the random 8B model on disk, made first);
+# Slipstream and HF + peft rows come from bench_train.py. Everything lands in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/peft_out}; export OUT; mkdir -p "$OUT"
+rm -rf /tmp/site /tmp/peers
+python3 -m zipfile -e .peers/bench_bundle.zip /tmp/site
+python3 -m zipfile -e .peers/unsloth/peers.zip /tmp/peers
+cp -r /tmp/peers/bitsandbytes /tmp/site/  # Slipstream's QLoRA quantises with bitsandbytes too
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
+export TRITON_CACHE_DIR=/tmp/triton_cache
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
+
+PYTHONPATH=/tmp/site:$PWD timeout 300 python3 benchmarks/bench_train.py --workloads 8b-lora,8b-qlora \
+  --systems slipstream,hf --no-matmul --budget-s 280 --row-timeout 150 --out "$OUT" 2>&1 | tee "$OUT/bench_train.log"
+
+(cd .peers/unsloth && export PYTHONPATH=/tmp/peers &&
+ python3 anchors_qlora_unsloth.py --make-model /tmp/llama8b &&
+ timeout 280 python3 anchors_qlora_unsloth.py --timeout 135 8b-lora-unsloth 8b-qlora-unsloth) 2>&1 | tee "$OUT/peers.log"
