@@ -11,16 +11,40 @@ NaN. The guard counts the step either way, the loop saves no checkpoint while th
 last step was non-finite, and after `trainer.max_nonfinite_steps` in a row the run
 stops: the last good checkpoint is what there is to resume from.
 
-Checking costs one host sync per optimizer step (a bool after the gradient norm).
+No host sync of its own: torch's fused Adam/AdamW skip the update on the device when
+handed a `found_inf` flag (the mechanism GradScaler uses), and the counters stay on the
+device until the loop reads them at its logged steps (its one host sync), which is
+also where a run that must stop stops. Other optimizers (bitsandbytes, unfused,
+FSDP2's DTensor parameters) cost one host sync per step to decide.
 """
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
-def finite_step(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-    """True when both the step's global loss and its gradient norm are finite (one host sync)."""
-    return bool(torch.isfinite(loss.float()) & torch.isfinite(grad_norm.float().to(loss.device)))
+def finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """A device bool: the step's global loss and its gradient norm are both finite."""
+    return torch.isfinite(loss.float()) & torch.isfinite(grad_norm.float().to(loss.device))
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """torch's fused Adam/AdamW over plain tensors: they take `found_inf` and skip on the device."""
+    return (getattr(optimizer, "_step_supports_amp_scaling", False) and bool(optimizer.defaults.get("fused"))
+            and not any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]))
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """optimizer.step() unless the loss or the gradient norm is NaN/inf."""
+    ok = finite(loss, grad_norm)
+    if _skips_on_device(optimizer):
+        optimizer.found_inf = (~ok).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(ok):
+        optimizer.step()
 
 
 class NonFiniteSteps(ValueError):
@@ -28,13 +52,21 @@ class NonFiniteSteps(ValueError):
 
 
 class NonFiniteGuard:
-    """Counts non-finite steps; `must_stop` after max_in_a_row of them in a row."""
+    """Counts non-finite steps on the device; the properties read them (a host sync: call at logged steps)."""
 
     def __init__(self, max_in_a_row: int):
         self.max_in_a_row = max_in_a_row
-        self.skipped = 0  # over this run
-        self.in_a_row = 0
-        self._last = (0.0, 0.0)
+        self._skipped = self._in_a_row = 0  # tensors after the first update
+        self._last_bad = (torch.tensor(float("nan")), torch.tensor(float("nan")))
+
+    @property
+    def skipped(self) -> int:
+        """Non-finite steps over this run."""
+        return int(self._skipped)
+
+    @property
+    def in_a_row(self) -> int:
+        return int(self._in_a_row)
 
     @property
     def last_step_finite(self) -> bool:
@@ -45,17 +77,19 @@ class NonFiniteGuard:
         return self.in_a_row >= self.max_in_a_row
 
     def update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        if finite_step(loss, grad_norm):
-            self.in_a_row = 0
-            return
-        self.skipped += 1
-        self.in_a_row += 1
-        self._last = (float(loss), float(grad_norm))
+        bad = (~finite(loss, grad_norm)).long()
+        self._skipped = self._skipped + bad
+        self._in_a_row = (self._in_a_row + 1) * bad
+        last_loss, last_norm = self._last_bad
+        self._last_bad = (torch.where(bad.bool(), loss.detach().float(), last_loss.to(loss.device)),
+                          torch.where(bad.bool(), grad_norm.detach().float().to(loss.device),
+                                      last_norm.to(loss.device)))
 
     def error(self, step: int, last_checkpoint) -> NonFiniteSteps:
         resume = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "there is no checkpoint"
         return NonFiniteSteps(
             f"trainer.max_nonfinite_steps={self.max_in_a_row}: steps {step - self.in_a_row + 1}..{step} in a row "
-            f"had a NaN/inf loss or gradient norm (loss {self._last[0]:.4g}, grad norm {self._last[1]:.4g}) and "
+            f"had a NaN/inf loss or gradient norm (loss {float(self._last_bad[0]):.4g}, grad norm "
+            f"{float(self._last_bad[1]):.4g}) and "
             f"were skipped; stopped without saving, {resume}. Lower optim.lr, raise optim.warmup_steps, set "
             f"trainer.grad_clip, check the data, or use trainer.precision=bf16_autocast instead of bf16")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from launcher.config import Config
-from launcher.guards import finite_step
+from launcher.guards import step_if_finite
 from strategies import checkpoint
 from strategies.optimizers import build_optimizer
 
@@ -66,8 +66,10 @@ class Strategy:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = grad_clip if grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if loss is None or finite_step(loss, grad_norm):
+        if loss is None:
             self.optimizer.step()
+        else:
+            step_if_finite(self.optimizer, loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 

@@ -29,7 +29,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 
 from kernels.models.lora import has_4bit_weights
-from launcher.guards import finite_step
+from launcher.guards import step_if_finite
 from strategies.distributed import DataParallelStrategy, core_spec, plain_core
 from strategies.optimizers import build_optimizer
 
@@ -96,8 +96,10 @@ class FSDPStrategy(DataParallelStrategy):
             grad_norm = grad_norm.full_tensor()
         if grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
-        if loss is None or finite_step(loss, grad_norm):
+        if loss is None:
             self.optimizer.step()
+        else:
+            step_if_finite(self.optimizer, loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 

@@ -192,3 +192,19 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
 
 if __name__ == "__main__":
     worker()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-skips-on-device", "unfused-host-check"])
+def test_step_if_finite_skips_the_update_and_the_step_count(fused):
+    from launcher.guards import _skips_on_device, step_if_finite
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=fused)
+    assert _skips_on_device(optimizer) == fused
+    for loss, changes in ((torch.tensor(float("nan")), False), (torch.tensor(1.0), True)):
+        before = weight.detach().clone()
+        weight.grad = torch.ones(4)
+        step_if_finite(optimizer, loss, torch.tensor(2.0))
+        assert torch.equal(weight, before) != changes
+        assert not hasattr(optimizer, "found_inf")
+    assert int(optimizer.state[weight]["step"]) == 1  # the skipped step did not count
