@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kernels.reference import IGNORE_INDEX
-from launcher import evaluate, preemption
+from launcher import auto_batch, evaluate, preemption
 from launcher.batching import BatchPlan, scaled_lr
 from launcher.config import Config
 from launcher.data import GlobalBatchSampler, collate, load_splits, load_tokenizer
@@ -121,8 +121,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     device = topology.device(cfg.trainer.device)
     precision = Precision.resolve(cfg.trainer.precision, device)
-    plan = BatchPlan.resolve(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, topology.world_size)
-    lr = scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, plan.global_batch_size, cfg.optim.reference_batch_size)
+    lr = scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, cfg.trainer.global_batch_size, cfg.optim.reference_batch_size)
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
@@ -135,7 +134,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     strategy = build_strategy(cfg, device)
     model = strategy.setup(model, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lr_lambda(cfg))
-    sampler = GlobalBatchSampler(len(train_set), plan.global_batch_size, cfg.trainer.seed)
+    sampler = GlobalBatchSampler(len(train_set), cfg.trainer.global_batch_size, cfg.trainer.seed)
     checkpoints = run_dir / "checkpoints"
 
     state = {"tokens": 0, "samples": 0}
@@ -145,6 +144,10 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
         state = strategy.load_checkpoint(resume_from, scheduler)
         start_step = state.pop("step")
         log.info("resumed from %s at step %d", resume_from, start_step)
+    if cfg.trainer.micro_batch_size == "auto":  # trial steps with the real model and optimizer, before training
+        cfg.trainer.micro_batch_size = auto_batch.for_run(cfg, run_dir, model, strategy, precision.autocast,
+                                                          topology.world_size, model_vocab_size(strategy))
+    plan = BatchPlan.resolve(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, topology.world_size)
 
     if strategy.is_main:
         _print_start_table(cfg, plan, lr, topology, device, precision, strategy, train_set.describe(), len(eval_set))
@@ -166,6 +169,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     window = ThroughputWindow(device, topology.world_size, model_flops_per_token,
                               device_peak_flops(device, cfg.logger.peak_tflops), cfg.trainer.max_steps, start_step)
     guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
+    preempted = preemption.PreemptionCheck(strategy)
     started = time.perf_counter()
     last_loss = float("nan")
     eval_losses = []
@@ -189,7 +193,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
         window.add_step(global_tokens)
         state["samples"] += plan.global_batch_size
         done = step + 1
-        stop_signal = preemption.requested(strategy)  # the same on every rank: all save this step, then stop
+        stop_signal = preempted()  # the same on every rank: all save this step, then stop
         saving = stop_signal or (cfg.trainer.save_every and done % cfg.trainer.save_every == 0
                                  and done < cfg.trainer.max_steps)
         evaluating = cfg.trainer.eval_every and done % cfg.trainer.eval_every == 0 and done < cfg.trainer.max_steps
@@ -200,15 +204,18 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
             eval_losses += [eval_result["eval_loss"]] if "eval_loss" in eval_result else []
             metrics.write(f"step {done}: " + _format_eval(eval_result))
         logging_step = done % cfg.trainer.log_every == 0 or done == cfg.trainer.max_steps
-        if logging_step or saving or evaluating or guard.must_stop:
-            # The one host sync of the logging window (loss.item()); the window's numbers are read after it.
+        stopping = False
+        if logging_step or saving or evaluating:
+            # The one host sync of the logging window (loss.item()); the window's numbers and the
+            # guard's device-side counters are read after it.
             last_loss = loss.item()
             perf, new_tokens = window.flush(done)
             state["tokens"] += new_tokens
             metrics.log({"step": done, "loss": last_loss, "lr": step_lr, "grad_norm": float(grad_norm),
                          "tokens": state["tokens"], **perf, "skipped_steps": guard.skipped, **eval_result})
+            stopping = guard.must_stop
         metrics.advance()
-        if guard.must_stop:  # every rank decides alike; the bad state is not saved
+        if stopping:  # every rank decides alike; the bad state is not saved
             metrics.close()
             raise guard.error(done, last_checkpoint)
         if saving and guard.last_step_finite:
@@ -244,6 +251,10 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
         _print_summary(summary, run_dir)
     metrics.close()  # last: prints `wandb sync ...` for an offline run
     return summary
+
+
+def model_vocab_size(strategy) -> int:
+    return strategy.unwrapped().config.vocab_size
 
 
 def _export(strategy, tokenizer, run_dir: Path) -> Path | None:

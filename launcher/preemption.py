@@ -40,11 +40,48 @@ def handles_preemption(train):
     return wrapper
 
 
-def requested(strategy) -> str | None:
-    """The signal some rank received, by name (the same answer on every rank), or None. A collective.
+class PreemptionCheck:
+    """Whether some rank received a signal, the same answer on every rank, asked once per step boundary.
 
-    Across ranks this is one small all-reduce (and a host sync) per step; alone, no sync.
+    One process reads its own flag. Several start an all-reduce of their flags at each
+    boundary and read the previous boundary's result, copied to pinned host memory
+    behind a CUDA event: it arrived long ago, so the read stalls nothing (a blocking
+    read would cost a host sync every step). All ranks read the same reduced value at
+    the same boundary, so all stop together, one step after the signal.
     """
-    seen = strategy.all_reduce_sum(torch.tensor([float(sig in _received) for sig in SIGNALS]))
-    names = [sig.name for sig, count in zip(SIGNALS, seen.tolist()) if count > 0]
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self._in_flight = None  # (host tensor, event or None) of the last boundary's all-reduce
+
+    def __call__(self) -> str | None:
+        local = [float(sig in _received) for sig in SIGNALS]
+        if self.strategy.world_size == 1:
+            return _first_signal(local)
+        agreed = self._collect()
+        reduced = self.strategy.all_reduce_sum(torch.tensor(local, device=self.strategy.device))
+        self._in_flight = _copy_to_host(reduced)
+        return agreed
+
+    def _collect(self) -> str | None:
+        if self._in_flight is None:
+            return None
+        host, event = self._in_flight
+        if event is not None:
+            event.synchronize()
+        return _first_signal(host.tolist())
+
+
+def _copy_to_host(tensor: torch.Tensor):
+    if tensor.device.type != "cuda":
+        return tensor, None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _first_signal(counts: list[float]) -> str | None:
+    names = [sig.name for sig, count in zip(SIGNALS, counts) if count > 0]
     return names[0] if names else None

@@ -161,13 +161,39 @@ def test_signal_handler_only_records_and_is_restored():
 
     @preemption.handles_preemption
     def body():
-        assert preemption.requested(OneProcess()) is None
+        check = preemption.PreemptionCheck(OneProcess())
+        assert check() is None
         os.kill(os.getpid(), signal.SIGUSR1)
-        return preemption.requested(OneProcess())
+        return check()
 
     before = signal.getsignal(signal.SIGUSR1)
     assert body() == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_ranks_agree_on_a_signal_one_boundary_later():
+    """Several ranks read the all-reduce started at the previous boundary: no stall, the same answer everywhere."""
+    from launcher import preemption
+    from strategies.checkpoint import OneProcess
+
+    class TwoRanks(OneProcess):
+        world_size, device = 2, torch.device("cpu")
+        reduced = []
+
+        def all_reduce_sum(self, value):
+            self.reduced.append(value.clone())
+            return value
+
+    @preemption.handles_preemption
+    def body():
+        check = preemption.PreemptionCheck(TwoRanks())
+        answers = [check()]
+        os.kill(os.getpid(), signal.SIGTERM)
+        answers += [check(), check()]
+        return answers
+
+    assert body() == [None, None, "SIGTERM"]
+    assert len(TwoRanks.reduced) == 3  # one all-reduce per boundary
 
 
 def test_sigusr1_checkpoints_at_the_step_boundary_and_the_resumed_run_matches(reference, tmp_path):
@@ -310,3 +336,27 @@ def test_export_names_what_is_wrong(copy_of, tmp_path):
     result = subprocess.run([sys.executable, "-m", "launcher", "export", "run=x"], cwd=tmp_path, env=env(),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "run= and out= are required" in result.stderr
+
+
+def test_export_of_a_lora_checkpoint_equals_the_runs_own_adapter_and_merged_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from launcher.export import export
+
+    from launcher.cli import write_resolved_config
+
+    run_dir = tmp_path / "run"
+    composed = compose_config([*SHORT, "trainer.max_steps=2", "peft=lora", "trainer.export_hf=true"])
+    run_dir.mkdir()
+    write_resolved_config(composed, run_dir)  # what `launch` writes: export reads the run's config
+    train(to_config(composed), run_dir)
+    adapter = tmp_path / "exported"
+    out = export(run_dir, adapter)
+    assert out == adapter / "merged"
+    for exported, live in ((adapter / "adapter_model.safetensors", run_dir / "adapter" / "adapter_model.safetensors"),
+                           (out / "model.safetensors", run_dir / "hf" / "model.safetensors")):
+        ours, theirs = load_file(exported), load_file(live)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, msg=key)
+    assert (adapter / "adapter_config.json").is_file()
