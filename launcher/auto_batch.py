@@ -136,9 +136,7 @@ def for_run(cfg, run_dir: Path, model, strategy, autocast, world_size: int, voca
     """The micro batch for this run: cached, or searched on the device with the real model and optimizer."""
     import dataclasses
 
-    if strategy.device.type != "cuda":
-        raise ValueError("trainer.micro_batch_size=auto: searches the largest micro batch that fits a GPU, and this "
-                         "run is on the CPU; set trainer.micro_batch_size to a number")
+    assert strategy.device.type == "cuda", "launcher.compose.check_machine refuses auto off the GPU"
     trainer = cfg.trainer
     key = {
         "device": torch.cuda.get_device_name(strategy.device),

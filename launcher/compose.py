@@ -79,8 +79,17 @@ def _check_strategy(config: Config) -> None:
         if world % replicas:
             raise ConfigError(f"strategy.replicate_degree={strategy.replicate_degree}: {replicas} model copies do not "
                               f"divide the world size {world}; pick a divisor of {world}")
+    global_batch, micro = config.trainer.global_batch_size, config.trainer.micro_batch_size
+    if micro == "auto":
+        if strategy.name.startswith("zero"):
+            raise ConfigError(f"trainer.micro_batch_size=auto: DeepSpeed fixes the micro batch in its config before "
+                              f"the first step; set a number with strategy={strategy.name}, or use single, ddp or fsdp")
+        if global_batch % world:
+            raise ConfigError(f"trainer.global_batch_size={global_batch}: not divisible by the world size {world}, so "
+                              f"micro_batch_size=auto has no whole share per rank; use a multiple of {world}")
+        micro = 1  # the search keeps accumulation whole; this checks the rest of the plan
     try:
-        plan = BatchPlan.resolve(config.trainer.global_batch_size, config.trainer.micro_batch_size, world)
+        plan = BatchPlan.resolve(global_batch, micro, world)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if strategy.name.startswith("zero") and config.optim.name != "adamw":
@@ -122,6 +131,9 @@ def check_machine(config: Config, launching: bool) -> None:
     if strategy.name.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"strategy={strategy.name}: DeepSpeed is not installed; pip install 'slipstream[deepspeed]' "
                           f"(or deepspeed), or use strategy=fsdp")
+    if trainer.micro_batch_size == "auto" and not on_gpu:
+        raise ConfigError("trainer.micro_batch_size=auto: searches the largest micro batch that fits a GPU, and this "
+                          f"run is on the CPU (trainer.device={trainer.device}); set trainer.micro_batch_size to a number")
     if config.optim.name != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"optim={config.optim.name}: needs bitsandbytes; pip install 'slipstream[qlora]' "
                           f"(or bitsandbytes), or use optim=adamw")

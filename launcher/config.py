@@ -207,7 +207,8 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     global_batch_size: int = 64  # sequences per optimizer step, over all ranks
-    micro_batch_size: int = 8  # sequences per forward/backward on one device
+    micro_batch_size: Any = 8  # sequences per forward/backward on one device, or auto (launcher/auto_batch.py)
+    memory_budget_gib: float = 0.0  # micro_batch_size=auto: peak allowed per device (0: 90% of the card)
     seq_len: int = 2048
     max_steps: int = 100
     precision: str = "auto"  # auto: bf16_autocast on GPUs that have bf16, else fp32
@@ -226,8 +227,12 @@ class TrainerConfig:
     dry_run: bool = False  # print the plan (batch, parameters, memory per device) and exit without training
 
     def __post_init__(self) -> None:
-        for key in ("global_batch_size", "micro_batch_size", "seq_len", "max_steps", "log_every", "keep_last"):
+        for key in ("global_batch_size", "seq_len", "max_steps", "log_every", "keep_last"):
             _require(getattr(self, key) > 0, f"trainer.{key}", "must be > 0")
+        micro = self.micro_batch_size
+        _require(micro == "auto" or (isinstance(micro, int) and not isinstance(micro, bool) and micro > 0),
+                 "trainer.micro_batch_size", f"got {micro!r}; a number > 0, or auto (the largest that fits the GPU)")
+        _require(self.memory_budget_gib >= 0, "trainer.memory_budget_gib", "must be >= 0 (0: 90% of the card)")
         _require(self.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0 = at the end only)")
         _require(self.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = at the end only)")
         _require(self.grad_clip >= 0, "trainer.grad_clip", "must be >= 0 (0 disables clipping)")
@@ -236,9 +241,8 @@ class TrainerConfig:
         _one_of(self.precision, PRECISIONS, "trainer.precision")
         _one_of(self.activation_checkpointing, CHECKPOINTING, "trainer.activation_checkpointing")
         _one_of(self.device, ("auto", "cpu", "cuda"), "trainer.device")
-        _require(self.global_batch_size % self.micro_batch_size == 0, "trainer.global_batch_size",
-                 f"{self.global_batch_size} is not a multiple of trainer.micro_batch_size="
-                 f"{self.micro_batch_size}")
+        _require(micro == "auto" or self.global_batch_size % micro == 0, "trainer.global_batch_size",
+                 f"{self.global_batch_size} is not a multiple of trainer.micro_batch_size={micro}")
 
 
 @dataclass

@@ -103,7 +103,7 @@ def memory_estimate(cfg: Config, model, world_size: int) -> dict[str, float]:
     block_params = sum(p.numel() for p in blocks[0].parameters())
     root_params = total - block_params * len(blocks)
     gathered = (root_params + 2 * block_params) * compute_bytes if shard_params > 1 else 0.0
-    tokens = cfg.trainer.micro_batch_size * cfg.trainer.seq_len
+    tokens = planned_micro_batch(cfg) * cfg.trainer.seq_len
     per_block = 6 * c.hidden_size + 2 * c.num_key_value_heads * c.head_dim + 3 * c.intermediate_size
     if cfg.trainer.activation_checkpointing == "full":
         activation_elements = tokens * (c.num_hidden_layers * c.hidden_size + per_block)
@@ -121,10 +121,15 @@ def memory_estimate(cfg: Config, model, world_size: int) -> dict[str, float]:
     return parts
 
 
+def planned_micro_batch(cfg: Config) -> int:
+    """micro_batch_size=auto is found on the device at start (launcher/auto_batch.py); the plan shows 1."""
+    return 1 if cfg.trainer.micro_batch_size == "auto" else cfg.trainer.micro_batch_size
+
+
 def dry_run(cfg: Config, show: bool = True) -> dict:
     """Prints (if `show`: rank 0) the resolved config, topology, batch, parameters and memory; returns the plan."""
     world_size = effective_world_size(cfg)
-    plan = BatchPlan.resolve(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, world_size)
+    plan = BatchPlan.resolve(cfg.trainer.global_batch_size, planned_micro_batch(cfg), world_size)
     model = build_meta_model(cfg)
     params = list(model.parameters())
     total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
@@ -145,7 +150,9 @@ def dry_run(cfg: Config, show: bool = True) -> dict:
                      f"{world_size}, strategy {cfg.strategy.name}"),
         ("precision", f"{cfg.trainer.precision} (planned as {planned_precision(cfg)}), activation checkpointing "
                       f"{cfg.trainer.activation_checkpointing}"),
-        ("batch", f"global {plan.global_batch_size} = micro {plan.micro_batch_size} x accumulation "
+        ("batch", f"global {plan.global_batch_size} = micro {plan.micro_batch_size}"
+                  f"{' (auto: searched on the GPU at start; planned here as 1)' if cfg.trainer.micro_batch_size == 'auto' else ''}"
+                  f" x accumulation "
                   f"{plan.accumulation_steps} x world {world_size}; "
                   f"<= {step_tokens:,} tokens per step (seq_len {cfg.trainer.seq_len}); lr {lr:.3g}"),
         ("parameters", f"{total:,} total, {trainable:,} trainable ({cfg.peft.method})"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -101,3 +102,17 @@ def test_optimizer_state_estimate():
     bnb = pytest.importorskip("bitsandbytes")
     assert auto_batch.optimizer_state_bytes(bnb.optim.AdamW8bit(params)) == 2 * (4096 * 2 + 8)
     assert auto_batch.optimizer_state_bytes(bnb.optim.PagedAdamW(params)) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the search measures GPU memory")
+def test_a_run_with_auto_micro_batch_respects_the_budget_and_caches(tmp_path):
+    from launcher.compose import compose_config, to_config
+    from launcher.loop import train
+
+    overrides = ["trainer.micro_batch_size=auto", "trainer.global_batch_size=64", "trainer.seq_len=512",
+                 "trainer.max_steps=2", "trainer.export_hf=false", "data.max_eval_examples=8",
+                 "trainer.memory_budget_gib=0.1"]
+    summary = train(to_config(compose_config(overrides)), tmp_path)
+    cached = json.loads((tmp_path / auto_batch.CACHE_FILE).read_text())
+    assert 1 <= cached["micro_batch_size"] < 64 and 64 % cached["micro_batch_size"] == 0
+    assert summary["peak_alloc_gib"] <= 0.1 * 1.1  # the trial's peak plus the optimizer states it reserved
