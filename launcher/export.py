@@ -1,5 +1,8 @@
 """`launch export run=<run dir or checkpoint dir> out=<dir>`: a Hugging Face directory from any checkpoint.
 
+A LoRA run exports its peft adapter directory into `out` (what
+`peft.PeftModel.from_pretrained(base, out)` loads) and the merged model into `out/merged`.
+
 One process, no process group, no GPU, whatever strategy and world size wrote the
 checkpoint: DCP checkpoints (single, ddp, fsdp, hsdp) are read with `dcp.load`, which
 gathers the shards into full tensors; DeepSpeed ones with its `zero_to_fp32`. The
@@ -24,16 +27,17 @@ USAGE = "usage: launch export run=<run dir or checkpoints/step-N dir> out=<dir>"
 def export(run: Path, out: Path) -> Path:
     """Writes config.json, model.safetensors and the tokenizer of `run`'s checkpoint into `out`."""
     from kernels.models import DecoderLM, load_config, save_pretrained
+    from launcher import peft_export
     from launcher.data import load_tokenizer
     from launcher.loop import Precision
-    from launcher.model_factory import architecture
+    from launcher.model_factory import add_adapters, architecture
     from strategies.distributed import core_spec, plain_core
 
     run_dir, step_dir = _locate(run)
     cfg = _run_config(run_dir)
-    if cfg.peft.method != "none":
-        raise ValueError(f"run={run}: a peft={cfg.peft.method} run; exporting adapters from a checkpoint is not "
-                         f"supported yet: use the adapter/ and hf/ directories the run wrote at its end")
+    if cfg.peft.method == "qlora":
+        raise ValueError(f"run={run}: a peft=qlora run; its checkpoints hold the 4-bit base: use the adapter/ and "
+                         f"hf/ (merged, de-quantised) directories the run wrote at its end")
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
     config = load_config(cfg.model.path) if cfg.model.path else architecture(cfg.model, len(tokenizer))
     identity = checkpoint.run_stamp(config, cfg)["identity"]
@@ -46,13 +50,20 @@ def export(run: Path, out: Path) -> Path:
         if found:
             raise ValueError(f"run={run}: {found}; pass another checkpoints/step-N directory or the run directory")
     with torch.device("meta"):
-        spec = core_spec(DecoderLM(config))
+        meta_core = DecoderLM(config)
+        if cfg.peft.method == "lora":
+            add_adapters(meta_core, cfg.peft)
+    spec = core_spec(meta_core)
     if (step_dir / checkpoint.DEEPSPEED_DIR).is_dir():
         state = _deepspeed_state(step_dir)
     else:
         dtype = Precision.resolve(cfg.trainer.precision, torch.device("cpu")).param_dtype
-        state = _dcp_state(step_dir, spec, dtype)
-    save_pretrained(plain_core(spec, state), out)
+        state = _dcp_state(step_dir, meta_core, dtype)
+    core = plain_core(spec, state)
+    if peft_export.has_adapters(core):
+        peft_export.save_adapter(core, out, base_model_name_or_path=cfg.model.path)
+        core, out = peft_export.merged(core), out / "merged"
+    save_pretrained(core, out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -77,14 +88,12 @@ def _run_config(run_dir: Path):
         raise ValueError(f"run={run_dir}: config.yaml does not fit this version's schema ({err})") from None
 
 
-def _dcp_state(step_dir: Path, spec: tuple, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's full tensors from a DCP checkpoint, read without a process group."""
+def _dcp_state(step_dir: Path, meta_core, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's full tensors (shaped as `meta_core`'s) from a DCP checkpoint, read without a process group."""
     import torch.distributed.checkpoint as dcp
 
-    cls, config, ops = spec[:3]
-    with torch.device("meta"):
-        shapes = cls(config, ops).state_dict()
-    if config.tie_word_embeddings:
+    shapes = meta_core.state_dict()
+    if meta_core.config.tie_word_embeddings:
         del shapes["lm_head.weight"]  # the embedding, tied again on load
     state = {"model": {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
                        for k, v in shapes.items()}}
