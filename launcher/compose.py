@@ -104,7 +104,7 @@ def _check_strategy(config: Config) -> None:
         from strategies.zero import deepspeed_config
 
         try:
-            deepspeed_config(config, plan, config.optim.lr, bf16=False, device_type="cpu")
+            deepspeed_config(config, plan, config.optim.lr, half=None, device_type="cpu")
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
@@ -137,6 +137,9 @@ def check_machine(config: Config, launching: bool) -> None:
     if config.optim.name != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"optim={config.optim.name}: needs bitsandbytes; pip install 'slipstream[qlora]' "
                           f"(or bitsandbytes), or use optim=adamw")
+    if strategy.name.startswith("zero") and trainer.precision == "fp16_autocast" and not on_gpu:
+        raise ConfigError(f"trainer.precision=fp16_autocast: DeepSpeed's CPU backend has no fp16 mode; run "
+                          f"strategy={strategy.name} on a GPU, or use trainer.precision=fp32 (or strategy=ddp/fsdp)")
     for key in ("offload_optimizer", "offload_params"):
         if getattr(strategy, key) and not on_gpu:
             raise ConfigError(f"strategy.{key}=true: offloading moves GPU memory to the CPU, and this run is on the CPU "

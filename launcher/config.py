@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-PRECISIONS = ("auto", "fp32", "bf16_autocast", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16_autocast", "bf16", "fp16_autocast")
 SCHEDULES = ("cosine", "linear", "constant")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 DATA_FORMATS = ("text", "prompt_completion", "chat", "alpaca")
@@ -211,7 +211,7 @@ class TrainerConfig:
     memory_budget_gib: float = 0.0  # micro_batch_size=auto: peak allowed per device (0: 90% of the card)
     seq_len: int = 2048
     max_steps: int = 100
-    precision: str = "auto"  # auto: bf16_autocast on GPUs that have bf16, else fp32
+    precision: str = "auto"  # auto: bf16_autocast on GPUs with bf16, fp16_autocast on older GPUs, fp32 on CPU
     grad_clip: float = 1.0  # 0 disables clipping
     activation_checkpointing: str = "none"
     device: str = "auto"  # auto | cpu | cuda

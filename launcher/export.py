@@ -29,7 +29,7 @@ def export(run: Path, out: Path) -> Path:
     from kernels.models import DecoderLM, load_config, save_pretrained
     from launcher import peft_export
     from launcher.data import load_tokenizer
-    from launcher.loop import Precision
+    from launcher.precision import Precision
     from launcher.model_factory import add_adapters, architecture
     from strategies.distributed import core_spec, plain_core
 

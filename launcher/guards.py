@@ -54,15 +54,23 @@ class NonFiniteSteps(ValueError):
 class NonFiniteGuard:
     """Counts non-finite steps on the device; the properties read them (a host sync: call at logged steps)."""
 
-    def __init__(self, max_in_a_row: int):
+    def __init__(self, max_in_a_row: int, scales_loss: bool = False):
         self.max_in_a_row = max_in_a_row
-        self._skipped = self._in_a_row = 0  # tensors after the first update
+        # fp16: an overflowed gradient is the loss scaler's business (it skips and lowers the scale);
+        # counted apart, never a strike. A non-finite loss still is one.
+        self.scales_loss = scales_loss
+        self._skipped = self._in_a_row = self._overflows = 0  # tensors after the first update
         self._last_bad = (torch.tensor(float("nan")), torch.tensor(float("nan")))
 
     @property
     def skipped(self) -> int:
         """Non-finite steps over this run."""
         return int(self._skipped)
+
+    @property
+    def overflows(self) -> int:
+        """fp16 steps the loss scaler skipped because the gradients overflowed."""
+        return int(self._overflows)
 
     @property
     def in_a_row(self) -> int:
@@ -77,7 +85,12 @@ class NonFiniteGuard:
         return self.in_a_row >= self.max_in_a_row
 
     def update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        bad = (~finite(loss, grad_norm)).long()
+        if self.scales_loss:
+            loss_ok = torch.isfinite(loss.float())
+            self._overflows = self._overflows + (loss_ok & ~finite(loss, grad_norm)).long()
+            bad = (~loss_ok).long()
+        else:
+            bad = (~finite(loss, grad_norm)).long()
         self._skipped = self._skipped + bad
         self._in_a_row = (self._in_a_row + 1) * bad
         last_loss, last_norm = self._last_bad

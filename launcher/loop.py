@@ -7,13 +7,11 @@ how the global batch is split.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,35 +26,11 @@ from launcher.guards import NonFiniteGuard
 from launcher.loggers import check_installed
 from launcher.metrics import MetricsLog, ThroughputWindow, with_perplexity
 from launcher.model_factory import build_model
+from launcher.precision import Precision
 from launcher.topology import Topology
 from strategies import build_strategy, checkpoint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How parameters are stored and how the forward computes."""
-
-    param_dtype: torch.dtype
-    autocast_dtype: torch.dtype | None
-    device_type: str
-
-    @classmethod
-    def resolve(cls, name: str, device: torch.device) -> Precision:
-        if name == "auto":
-            bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-            name = "bf16_autocast" if bf16_ok else "fp32"
-        if name == "bf16":
-            return cls(torch.bfloat16, None, device.type)
-        if name == "bf16_autocast":
-            return cls(torch.float32, torch.bfloat16, device.type)
-        return cls(torch.float32, None, device.type)
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
 
 def lr_lambda(cfg: Config):
@@ -143,6 +117,9 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     if resume_from:
         state = strategy.load_checkpoint(resume_from, scheduler)
         start_step = state.pop("step")
+        scaler_state = state.pop("grad_scaler", None)
+        if strategy.scaler and scaler_state:  # fp16: resume with the loss scale reached so far
+            strategy.scaler.load_state_dict(scaler_state)
         log.info("resumed from %s at step %d", resume_from, start_step)
     if cfg.trainer.micro_batch_size == "auto":  # trial steps with the real model and optimizer, before training
         cfg.trainer.micro_batch_size = auto_batch.for_run(cfg, run_dir, model, strategy, precision.autocast,
@@ -168,7 +145,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     metrics = MetricsLog(cfg, run_dir, start_step, strategy.is_main)
     window = ThroughputWindow(device, topology.world_size, model_flops_per_token,
                               device_peak_flops(device, cfg.logger.peak_tflops), cfg.trainer.max_steps, start_step)
-    guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
+    guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps, strategy.scales_loss)
     preempted = preemption.PreemptionCheck(strategy)
     started = time.perf_counter()
     last_loss = float("nan")
@@ -176,7 +153,9 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     last_checkpoint, stop_signal = resume_from, None  # this run's newest checkpoint; a preemption signal
 
     def save(step: int):
-        return strategy.save_checkpoint(checkpoints, step, scheduler, {**state, **stamp}, cfg.trainer.keep_last)
+        scaler = {"grad_scaler": strategy.scaler.state_dict()} if strategy.scaler else {}
+        return strategy.save_checkpoint(checkpoints, step, scheduler, {**state, **stamp, **scaler},
+                                        cfg.trainer.keep_last)
 
     model.train()
     for step in range(start_step, cfg.trainer.max_steps):
@@ -212,7 +191,8 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
             perf, new_tokens = window.flush(done)
             state["tokens"] += new_tokens
             metrics.log({"step": done, "loss": last_loss, "lr": step_lr, "grad_norm": float(grad_norm),
-                         "tokens": state["tokens"], **perf, "skipped_steps": guard.skipped, **eval_result})
+                         "tokens": state["tokens"], **perf, "skipped_steps": guard.skipped,
+                         **({"overflow_steps": guard.overflows} if strategy.scales_loss else {}), **eval_result})
             stopping = guard.must_stop
         metrics.advance()
         if stopping:  # every rank decides alike; the bad state is not saved
@@ -238,6 +218,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
         "steps": final_step, "preempted": stop_signal, "steps_this_run": steps_run, "tokens": state["tokens"], "wall_s": wall,
         "tokens_per_s": window.run_tokens / wall if steps_run and wall > 0 else None,
         "mfu": window.run_mfu(), "skipped_steps": guard.skipped,
+        **({"overflow_steps": guard.overflows} if strategy.scales_loss else {}),
         "final_loss": last_loss if math.isfinite(last_loss) else None,
         "initial_eval": initial_eval, "final_eval": final_eval,
         "best_eval_loss": min(eval_losses) if eval_losses else None,

@@ -22,6 +22,7 @@ from torch import nn
 
 from launcher.config import Config
 from launcher.guards import step_if_finite
+from launcher.precision import Precision
 from strategies import checkpoint
 from strategies.optimizers import build_optimizer
 
@@ -42,6 +43,15 @@ class Strategy:
         self.device = device
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        # fp16 compute: gradients of a scaled loss, unscaled before clipping, overflowed steps skipped
+        self.scales_loss = Precision.resolve(cfg.trainer.precision, device).scales_loss
+        self.scaler = self.grad_scaler() if self.scales_loss else None
+
+    def grad_scaler(self):
+        return torch.amp.GradScaler(self.device.type)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def setup(self, model: nn.Module, lr: float) -> nn.Module:
         """Move/wrap the model core and build its optimizer; returns the module to call."""
@@ -55,23 +65,35 @@ class Strategy:
         yield
 
     def backward(self, loss_sum: torch.Tensor, global_target_tokens: torch.Tensor) -> None:
-        (loss_sum / global_target_tokens.clamp(min=1)).backward()
+        self._backward(loss_sum / global_target_tokens.clamp(min=1))
 
     def step(self, grad_clip: float, loss: torch.Tensor | None = None) -> torch.Tensor:
         """Clip, step, zero; returns the total gradient norm before clipping.
 
         With `loss` (the step's loss, the same on every rank) a NaN/inf loss or gradient
-        norm skips the update on every rank alike (launcher/guards.py).
+        norm skips the update on every rank alike (launcher/guards.py); under fp16 the
+        scaler skips overflowed steps and lowers its scale.
         """
         params = [p for p in self.model.parameters() if p.grad is not None]
+        self._unscale()
         max_norm = grad_clip if grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if loss is None:
+        self._optimizer_step(loss, grad_norm)
+        return grad_norm
+
+    def _unscale(self) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+
+    def _optimizer_step(self, loss: torch.Tensor | None, grad_norm: torch.Tensor) -> None:
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skipped when the unscaled gradients hold an inf/NaN
+            self.scaler.update()
+        elif loss is None:
             self.optimizer.step()
         else:
             step_if_finite(self.optimizer, loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         return value

@@ -33,7 +33,7 @@ class DDPStrategy(DataParallelStrategy):
             yield
 
     def backward(self, loss_sum: torch.Tensor, global_target_tokens: torch.Tensor) -> None:
-        (loss_sum * (self.world_size / global_target_tokens.clamp(min=1))).backward()
+        self._backward(loss_sum * (self.world_size / global_target_tokens.clamp(min=1)))
 
     def unwrapped(self) -> nn.Module:
         return self.ddp.module

@@ -29,7 +29,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 
 from kernels.models.lora import has_4bit_weights
-from launcher.guards import step_if_finite
+from launcher.precision import Precision
 from strategies.distributed import DataParallelStrategy, core_spec, plain_core
 from strategies.optimizers import build_optimizer
 
@@ -55,7 +55,6 @@ class FSDPStrategy(DataParallelStrategy):
             self.mesh = init_device_mesh(device.type, (self.world_size,), mesh_dim_names=("shard",))
 
     def _mixed_precision(self) -> MixedPrecisionPolicy:
-        from launcher.loop import Precision  # the loop owns the precision names
 
         precision = Precision.resolve(self.cfg.trainer.precision, self.device)
         if torch.bfloat16 in (precision.param_dtype, precision.autocast_dtype):
@@ -86,22 +85,25 @@ class FSDPStrategy(DataParallelStrategy):
         yield
 
     def backward(self, loss_sum: torch.Tensor, global_target_tokens: torch.Tensor) -> None:
-        (loss_sum * (self.world_size / global_target_tokens.clamp(min=1))).backward()
+        self._backward(loss_sum * (self.world_size / global_target_tokens.clamp(min=1)))
 
     def step(self, grad_clip: float, loss: torch.Tensor | None = None) -> torch.Tensor:
         """Clip on the sharded (DTensor) gradients: the norm is reduced over the mesh first; skip if non-finite."""
         params = [p for p in self.model.parameters() if p.grad is not None]
+        self._unscale()
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
         if grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
-        if loss is None:
-            self.optimizer.step()
-        else:
-            step_if_finite(self.optimizer, loss, grad_norm)
-        self.optimizer.zero_grad(set_to_none=True)
+        self._optimizer_step(loss, grad_norm)
         return grad_norm
+
+    def grad_scaler(self):
+        """Its found-inf flags are all-reduced over the mesh, so every rank skips an overflowed step alike."""
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(self.device.type)
 
     def export_module(self) -> nn.Module | None:
         """Gathers the full state dict onto rank 0 (CPU) and loads it into a plain, unsharded core."""

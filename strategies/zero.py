@@ -49,6 +49,7 @@ from torch import nn
 from kernels.models.lora import has_4bit_weights
 from launcher.batching import BatchPlan
 from launcher.config import Config
+from launcher.precision import Precision
 from strategies import checkpoint
 from strategies.optimizers import adamw_param_groups
 from strategies.distributed import DataParallelStrategy, core_spec, plain_core
@@ -58,14 +59,14 @@ log = logging.getLogger(__name__)
 _DS_TAG = checkpoint.DEEPSPEED_DIR  # the engine's checkpoint lives in step-N/deepspeed/
 
 
-def uses_bf16(cfg: Config, device_type: str) -> bool:
-    from launcher.loop import Precision  # the loop owns the precision names
-
+def half_dtype(cfg: Config, device_type: str) -> torch.dtype | None:
+    """bf16 or fp16 when the run computes in it (DeepSpeed's bf16 / fp16 modes), else None."""
     precision = Precision.resolve(cfg.trainer.precision, torch.device(device_type))
-    return torch.bfloat16 in (precision.param_dtype, precision.autocast_dtype)
+    return torch.bfloat16 if torch.bfloat16 in (precision.param_dtype, precision.autocast_dtype) else (
+        torch.float16 if precision.scales_loss else None)
 
 
-def generated_config(cfg: Config, plan: BatchPlan, lr: float, bf16: bool, device_type: str) -> dict:
+def generated_config(cfg: Config, plan: BatchPlan, lr: float, half: torch.dtype | None, device_type: str) -> dict:
     """The DeepSpeed JSON that the Hydra config implies."""
     options = cfg.strategy
     zero: dict = {"stage": options.zero_stage}
@@ -84,7 +85,9 @@ def generated_config(cfg: Config, plan: BatchPlan, lr: float, bf16: bool, device
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.accumulation_steps,
         "gradient_clipping": cfg.trainer.grad_clip,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": half == torch.bfloat16},
+        # fp16: DeepSpeed's dynamic loss scaling (loss_scale 0), which skips overflowed steps itself
+        "fp16": {"enabled": half == torch.float16, "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": adam},
         "zero_allow_untested_optimizer": True,
@@ -103,9 +106,9 @@ _MUST_AGREE = (
 )
 
 
-def deepspeed_config(cfg: Config, plan: BatchPlan, lr: float, bf16: bool, device_type: str) -> dict:
+def deepspeed_config(cfg: Config, plan: BatchPlan, lr: float, half: torch.dtype | None, device_type: str) -> dict:
     """The generated config with the user's JSON (strategy.deepspeed_config) merged over it."""
-    generated = generated_config(cfg, plan, lr, bf16, device_type)
+    generated = generated_config(cfg, plan, lr, half, device_type)
     path = cfg.strategy.deepspeed_config
     if not path:
         return generated
@@ -127,7 +130,8 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, lr: float, bf16: bool, device
         raise ValueError(f"{key}: has a scheduler; the learning-rate schedule comes from optim.* "
                          f"(schedule, warmup_steps, min_lr_ratio): remove 'scheduler' from the JSON")
     if (user.get("fp16") or {}).get("enabled"):
-        raise ValueError(f"{key}: fp16.enabled=true is not supported; use trainer.precision=bf16_autocast")
+        raise ValueError(f"{key}: fp16.enabled=true: fp16 comes from the Hydra config; remove it from the JSON "
+                         f"and set trainer.precision=fp16_autocast")
     if user.get("managed_gradient_accumulation") is False:
         raise ValueError(f"{key}: managed_gradient_accumulation=false is not supported (the strategy sets the "
                          f"accumulation boundary itself); remove it")
@@ -228,7 +232,7 @@ class ZeROStrategy(DataParallelStrategy):
                              f"or peft=lora")
         trainer = self.cfg.trainer
         plan = BatchPlan.resolve(trainer.global_batch_size, trainer.micro_batch_size, self.world_size)
-        self.ds_config = deepspeed_config(self.cfg, plan, lr, uses_bf16(self.cfg, self.device.type),
+        self.ds_config = deepspeed_config(self.cfg, plan, lr, half_dtype(self.cfg, self.device.type),
                                           self.device.type)
         self._core = core_spec(model)
         self.core = model.to(self.device)
@@ -248,6 +252,9 @@ class ZeROStrategy(DataParallelStrategy):
     def accumulate(self, is_last: bool) -> Iterator[None]:
         self.engine.set_gradient_accumulation_boundary(is_last)
         yield
+
+    def grad_scaler(self):
+        return None  # DeepSpeed's fp16 mode scales the loss itself
 
     def backward(self, loss_sum: torch.Tensor, global_target_tokens: torch.Tensor) -> None:
         loss = loss_sum * (self.world_size / global_target_tokens.clamp(min=1))

@@ -299,7 +299,7 @@ def test_deepspeed_config_comes_from_the_hydra_config(tmp_path):
                                 "gradient_clipping": 0.3}))
     config = to_config(compose_config(["strategy=zero3", "cluster.nproc_per_node=2", "trainer.global_batch_size=64",
                                        "trainer.micro_batch_size=8", f"strategy.deepspeed_config={user}"]))
-    ds = deepspeed_config(config, BatchPlan.resolve(64, 8, 2), 1e-3, bf16=True, device_type="cuda")
+    ds = deepspeed_config(config, BatchPlan.resolve(64, 8, 2), 1e-3, half=torch.bfloat16, device_type="cuda")
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 4)
     assert ds["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}  # merged, not replaced
     assert ds["gradient_clipping"] == 0.3 and ds["bf16"] == {"enabled": True}
