@@ -10,18 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from kernels.models import DecoderConfig, DecoderLM, load_config, load_pretrained, save_pretrained
 from kernels.models.config import ARCHITECTURES
+from test_model_parity import TINY as PARITY_TINY
 
-TINY = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    initializer_range=0.1,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+TINY = dict(PARITY_TINY, bos_token_id=1, eos_token_id=2)  # the same tiny shapes, with special tokens
 CONFIGS = {
     "llama_tied": dict(model_type="llama", tie_word_embeddings=True),
     "llama3_rope": dict(
