@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import secrets
 import socket
 from pathlib import Path
 from typing import Callable
@@ -58,7 +59,7 @@ class WandbLogger:
         # One wandb run per run directory: a resumed job logs into the run it started.
         id_file = run_dir / "wandb" / "run_id"
         id_file.parent.mkdir(parents=True, exist_ok=True)
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # wandb-style 8 chars
         id_file.write_text(run_id)
         self.mode = wandb_mode(options.mode)
         self.run = wandb.init(project=options.project, entity=options.entity,

@@ -216,3 +216,21 @@ def test_tensorboard_backend_writes_scalars_per_step(tmp_path, monkeypatch):
     loggers.call("log", {"step": 3, "loss": 2.5, "mfu": None})
     loggers.call("close")
     assert scalars == [("loss", 2.5, 3), ("closed", str(tmp_path / "tensorboard"), None)]
+
+
+def test_real_wandb_offline_run_holds_the_config_and_the_logged_metrics(tmp_path, monkeypatch):
+    """The installed wandb, offline (no key): its run file under the run dir carries the config and every row."""
+    pytest.importorskip("wandb")
+    from launcher.loop import train
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(to_config(compose_config(["logger=wandb", "trainer.max_steps=3", "trainer.log_every=1",
+                                    "trainer.export_hf=false", "data.max_eval_examples=8"])), tmp_path)
+    [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    recorded = run_file.read_bytes()  # protobuf records: keys and JSON-encoded values appear verbatim
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert b"global_batch_size" in recorded and b"tokens_per_s" in recorded
+    for row in rows:
+        assert json.dumps(row["loss"]).encode() in recorded, row["step"]
