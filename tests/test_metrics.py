@@ -20,12 +20,11 @@ ROW_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tokens
 
 
 class FakeWandb(types.ModuleType):
-    """What the wandb backend calls: init (kwargs recorded), run.log / summary / finish, util.generate_id."""
+    """What the wandb backend calls: init (kwargs recorded), run.log / summary / finish."""
 
     def __init__(self):
         super().__init__("wandb")
         self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # find_spec("wandb") finds it
-        self.util = types.SimpleNamespace(generate_id=lambda: "abc123")
         self.logged, self.summary, self.finished, self.init_kwargs = [], {}, False, None
 
     def init(self, **kwargs):
@@ -82,7 +81,8 @@ def test_wandb_gets_config_group_rows_and_summary_offline(wandb_run, capsys):
     assert init["dir"] == str(run_dir) and init["group"] == run_dir.parent.name  # grouped by the sweep directory
     assert init["tags"] == ["a", "b"] and init["project"] == "slipstream"
     assert init["config"]["trainer"]["max_steps"] == 6 and init["config"]["logger"]["wandb"] is True
-    assert (run_dir / "wandb" / "run_id").read_text() == init["id"] == "abc123"  # a resume logs into this run
+    assert (run_dir / "wandb" / "run_id").read_text() == init["id"]  # a resume logs into this run
+    assert len(init["id"]) == 8
     assert [step for step, _ in fake.logged] == [2, 4, 6]
     assert fake.logged[1][1]["eval_loss"] == rows[1]["eval_loss"] and "mfu" not in fake.logged[0][1]  # nulls left out
     assert fake.summary["final_eval/eval_loss"] == summary["final_eval"]["eval_loss"] and fake.finished
@@ -97,7 +97,8 @@ def test_offline_wandb_prints_the_sync_command(tmp_path, monkeypatch, capsys):
     loggers = Loggers(to_config(compose_config(["logger=wandb"])), tmp_path, print)
     assert [b.name for b in loggers.backends] == ["metrics.jsonl", "wandb"]
     messages = [m for m in loggers.call("close") if m]
-    offline_dir = tmp_path / "wandb" / "offline-run-20261207_000000-abc123"
+    run_id = (tmp_path / "wandb" / "run_id").read_text()
+    offline_dir = tmp_path / "wandb" / f"offline-run-20261207_000000-{run_id}"
     assert messages == [f"wandb: logged offline; upload with: wandb sync {offline_dir}"]
 
 
