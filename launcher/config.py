@@ -221,6 +221,7 @@ class TrainerConfig:
     eval_every: int = 0  # 0: evaluate once, at the end
     save_every: int = 0  # 0: save once, at the end
     keep_last: int = 2
+    async_checkpoint: bool = False  # DCP strategies: write shards in the background (dcp.async_save), commit later
     resume: str = "auto"  # auto | never | PATH of a checkpoint
     export_hf: bool = True  # write a Hugging Face directory at the end
     max_nonfinite_steps: int = 5  # stop after this many skipped (NaN/inf loss or grad norm) steps in a row

@@ -152,10 +152,22 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     eval_losses = []
     last_checkpoint, stop_signal = resume_from, None  # this run's newest checkpoint; a preemption signal
 
+    in_flight: list[checkpoint.PendingCheckpoint] = []  # trainer.async_checkpoint: at most one
+
+    def settle() -> None:
+        """Commit the checkpoint whose shards are still being written, if any (every rank)."""
+        while in_flight:
+            in_flight.pop().result()
+
     def save(step: int):
+        settle()
         scaler = {"grad_scaler": strategy.scaler.state_dict()} if strategy.scaler else {}
-        return strategy.save_checkpoint(checkpoints, step, scheduler, {**state, **stamp, **scaler},
-                                        cfg.trainer.keep_last)
+        saved = strategy.save_checkpoint(checkpoints, step, scheduler, {**state, **stamp, **scaler},
+                                         cfg.trainer.keep_last)
+        if isinstance(saved, checkpoint.PendingCheckpoint):
+            in_flight.append(saved)
+            return saved.path
+        return saved
 
     model.train()
     for step in range(start_step, cfg.trainer.max_steps):
@@ -196,6 +208,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
             stopping = guard.must_stop
         metrics.advance()
         if stopping:  # every rank decides alike; the bad state is not saved
+            settle()
             metrics.close()
             raise guard.error(done, last_checkpoint)
         if saving and guard.last_step_finite:
@@ -211,6 +224,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     if guard.last_step_finite and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{final_step:08d}")):
         last_checkpoint = save(final_step)
     final_eval = {} if stop_signal else run_eval()  # a preempted run has little time left
+    settle()  # with trainer.async_checkpoint the final eval overlapped the last checkpoint's writes
     eval_losses += [final_eval["eval_loss"]] if "eval_loss" in final_eval else []
     export_dir = _export(strategy, tokenizer, run_dir) if cfg.trainer.export_hf and not stop_signal else None
     steps_run = final_step - start_step

@@ -114,8 +114,15 @@ class Strategy:
         return sum(map(count, params)), sum(count(p) for p in params if p.requires_grad)
 
     def save_checkpoint(self, root, step: int, scheduler, trainer_state: dict, keep_last: int):
-        """Write checkpoint `step` under `root` atomically; returns its committed path."""
-        return checkpoint.save(root, step, self.model, self.optimizer, scheduler, trainer_state, self, keep_last)
+        """Write checkpoint `step` under `root` atomically; returns its committed path, or with
+        trainer.async_checkpoint a PendingCheckpoint (shards still being written) to `result()` later."""
+        in_background = self.cfg.trainer.async_checkpoint
+        return checkpoint.save(root, step, self.model, self.optimizer, scheduler, trainer_state, self, keep_last,
+                               in_background, self.background_group() if in_background else None)
+
+    def background_group(self):
+        """The process group a background checkpoint writer talks over (None: one process)."""
+        return None
 
     def load_checkpoint(self, path, scheduler) -> dict:
         """Restore model, optimizer, scheduler and RNG from `path`; returns the trainer state."""

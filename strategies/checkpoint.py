@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
@@ -113,17 +114,36 @@ def _together(group, action: Callable[[], None], what: str) -> None:
         raise CheckpointSaveError(f"{what}: failed on {failed} other rank(s) (their log says why)")
 
 
-def commit(root: Path, step: int, write_payload: Callable[[Path], None], scheduler, trainer_state: dict,
-           group=OneProcess(), keep_last: int = 2) -> Path:
+class PendingCheckpoint:
+    """A checkpoint whose shards are still being written in the background (dcp.async_save).
+
+    `result()` (every rank, at the same point of the loop) waits for the writes, then
+    hashes, seals and commits exactly as a synchronous save does; until then nothing
+    under `path` exists and `latest` names the previous checkpoint.
+    """
+
+    def __init__(self, path: Path, finish: Callable[[], Path]):
+        self.path = path
+        self._finish = finish
+
+    def result(self) -> Path:
+        return self._finish()
+
+
+def commit(root: Path, step: int, write_payload: Callable[[Path], Future | None], scheduler, trainer_state: dict,
+           group=OneProcess(), keep_last: int = 2) -> Path | PendingCheckpoint:
     """Write checkpoint `step` under `root` atomically; returns its committed path.
 
     Every rank calls `write_payload(tmp_dir)` (its shards); only rank 0 writes the
     trainer state, the manifest and the marker, renames and moves `latest`. A failure
     on any rank raises CheckpointSaveError on every rank after the temp directory is
-    removed; the previous checkpoint and `latest` stay as they were.
+    removed; the previous checkpoint and `latest` stay as they were. When
+    `write_payload` returns a Future (its shards still being written), the rest waits
+    in the returned PendingCheckpoint; scheduler, RNG and trainer state are taken now.
     """
     final, tmp = _step_dir(root, step), root / f".tmp-step-{step:08d}"
     previous = find_latest(root)
+    in_flight: list[Future] = []
 
     def prepare() -> None:
         if group.rank == 0:
@@ -131,11 +151,15 @@ def commit(root: Path, step: int, write_payload: Callable[[Path], None], schedul
             tmp.mkdir(parents=True)
 
     def write() -> None:
-        write_payload(tmp)
+        in_flight.extend(filter(None, [write_payload(tmp)]))
         torch.save(_rng_state(), tmp / f"rng-rank{group.rank:05d}.pt")
         if group.rank == 0:
             state = dict(trainer_state, step=step, scheduler=scheduler.state_dict())
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+
+    def payload_written() -> None:
+        for future in in_flight:
+            future.result()  # re-raises what the background writer hit
 
     def hash_share() -> None:  # every file is hashed by one rank, after all are written
         files = _payload_files(tmp)
@@ -152,17 +176,25 @@ def commit(root: Path, step: int, write_payload: Callable[[Path], None], schedul
             os.replace(root / ".latest.tmp", root / "latest")
             _prune(root, keep_last)
 
-    try:
-        for action in (prepare, write, hash_share, seal):
-            _together(group, action, f"saving checkpoint {final}")
-    except CheckpointSaveError as err:
-        if group.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointSaveError(f"{err}; nothing was committed, {kept}; free the space or fix the cause "
-                                  f"and resume with trainer.resume=auto") from err.__cause__
-    _together(group, point_latest, f"checkpoint {final} is committed, but moving {root / 'latest'} or pruning failed")
-    return final
+    def run(actions) -> None:
+        try:
+            for action in actions:
+                _together(group, action, f"saving checkpoint {final}")
+        except CheckpointSaveError as err:
+            if group.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointSaveError(f"{err}; nothing was committed, {kept}; free the space or fix the cause "
+                                      f"and resume with trainer.resume=auto") from err.__cause__
+
+    def finish() -> Path:
+        run((payload_written, hash_share, seal))
+        _together(group, point_latest,
+                  f"checkpoint {final} is committed, but moving {root / 'latest'} or pruning failed")
+        return final
+
+    run((prepare, write))
+    return PendingCheckpoint(final, finish) if in_flight else finish()
 
 
 def _seal(root: Path, tmp: Path, final: Path) -> None:
@@ -181,11 +213,21 @@ def _seal(root: Path, tmp: Path, final: Path) -> None:
 
 
 def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict, group=OneProcess(),
-         keep_last: int = 2) -> Path:
-    """A DCP checkpoint of model and optimizer, committed atomically."""
-    def write_dcp(tmp: Path) -> None:
+         keep_last: int = 2, in_background: bool = False, background_group=None) -> Path | PendingCheckpoint:
+    """A DCP checkpoint of model and optimizer, committed atomically.
+
+    `in_background`: the shards are staged to CPU memory now and written by
+    dcp.async_save in a thread, which talks over `background_group` (a gloo group of
+    its own, so it never shares a communicator with training; None for one process);
+    the commit is then a PendingCheckpoint.
+    """
+    def write_dcp(tmp: Path) -> Future | None:
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+        state = {"model": model_state, "optim": optim_state}
+        if in_background:
+            return dcp.async_save(state, checkpoint_id=str(tmp), process_group=background_group)
+        dcp.save(state, checkpoint_id=str(tmp))
+        return None
 
     return commit(root, step, write_dcp, scheduler, trainer_state, group, keep_last)
 

@@ -68,6 +68,12 @@ class DataParallelStrategy(Strategy):
         super().__init__(cfg, device)
         self.rank, self.world_size = init_process_group(device)
 
+    def background_group(self):
+        """A gloo group of its own for dcp.async_save's thread: never the communicator training uses."""
+        if not hasattr(self, "_background_group"):
+            self._background_group = dist.new_group(backend="gloo")
+        return self._background_group
+
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         value = value.to(self.device, copy=True)  # NCCL reduces device tensors only; counts may come from the CPU
         dist.all_reduce(value, op=dist.ReduceOp.SUM)

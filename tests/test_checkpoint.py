@@ -360,3 +360,34 @@ def test_export_of_a_lora_checkpoint_equals_the_runs_own_adapter_and_merged_mode
         for key in ours:
             torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, msg=key)
     assert (adapter / "adapter_config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- background writes
+
+def test_async_checkpoints_commit_sound_and_resume_exactly(reference, tmp_path):
+    """trainer.async_checkpoint: dcp.async_save writes while training goes on; each commit is as sound as a sync one."""
+    run_dir = tmp_path / "async"
+    run(run_dir, f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.keep_last=8",
+        "trainer.async_checkpoint=true")
+    committed = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert committed == [f"step-{s:08d}" for s in range(2, STEPS + 1, 2)]
+    for name in committed:  # marker, manifest, sizes and every checksum
+        path = run_dir / "checkpoints" / name
+        identity = json.loads((path / checkpoint.TRAINER_STATE).read_text())["identity"]
+        assert checkpoint.problem(path, identity) is None
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    resumed = tmp_path / "resumed"
+    run(resumed, f"trainer.max_steps={STEPS}", f"trainer.resume={step_dir(run_dir, HALF)}")
+    expected = losses(reference)
+    assert losses(resumed) == {s: expected[s] for s in range(HALF + 1, STEPS + 1)}
+
+
+def test_async_checkpoints_on_two_ranks_commit(tmp_path):
+    """Two ranks: the background writer talks over its own gloo group, never the one training uses."""
+    run_dir = tmp_path / "ddp-async"
+    result = launch(run_dir, "strategy=ddp", "cluster.nproc_per_node=2", "trainer.save_every=1",
+                    "trainer.keep_last=3", "trainer.async_checkpoint=true", "trainer.export_hf=false")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    for step in (1, 2, 3):
+        path = step_dir(run_dir, step)
+        assert checkpoint.problem(path, json.loads((path / checkpoint.TRAINER_STATE).read_text())["identity"]) is None
