@@ -110,8 +110,8 @@ def test_a_run_with_auto_micro_batch_respects_the_budget_and_caches(tmp_path):
     from launcher.loop import train
 
     overrides = ["trainer.micro_batch_size=auto", "trainer.global_batch_size=64", "trainer.seq_len=512",
-                 "trainer.max_steps=2", "trainer.export_hf=false", "data.max_eval_examples=8",
-                 "trainer.memory_budget_gib=0.1"]
+                 "trainer.max_steps=2", "trainer.export_hf=false", "trainer.memory_budget_gib=0.1",
+                 "data.max_eval_examples=0"]  # the budget is the training step's; evaluation batches are not searched
     summary = train(to_config(compose_config(overrides)), tmp_path)
     cached = json.loads((tmp_path / auto_batch.CACHE_FILE).read_text())
     assert 1 <= cached["micro_batch_size"] < 64 and 64 % cached["micro_batch_size"] == 0

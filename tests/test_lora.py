@@ -68,6 +68,26 @@ def _assert_all_close(actual, expected, dtype):
         torch.testing.assert_close(a.float(), b.float(), **TOLERANCE[dtype], msg=lambda m: f"tensor {i}: {m}")
 
 
+def _assert_no_worse_than_reference(actual, reference_low, truth):
+    """Low precision: the op's error against the fp32 truth is at most twice the reference twin's own.
+
+    Elementwise bounds fail on bf16 gradients that are sums with cancellation (seen on the
+    H100: 1-2 elements of dA 0.03-0.05 off where both sides round differently); the error
+    norm against the truth says whether the op rounds worse than PyTorch itself.
+    """
+    for i, (a, r, t) in enumerate(zip(actual, reference_low, truth)):
+        assert a.shape == t.shape, (i, a.shape, t.shape)
+        op_error, reference_error = (a.float() - t).norm(), (r.float() - t).norm()
+        assert op_error <= 2 * reference_error + 1e-3 * t.norm(), (i, float(op_error), float(reference_error))
+
+
+def _fp32_truth(group, scaling):
+    """The reference twin on the same values in fp32: what both low-precision results approximate."""
+    upcast = [[None if t is None else t.float() for t in part] if isinstance(part, list) else part.float()
+              for part in group]
+    return _run(reference.lora_projections, upcast, scaling=scaling)
+
+
 # ------------------------------------------------------------------------------------ the op
 
 GROUPS = {  # (in, outs, adapted projections, rank, bias)
@@ -88,8 +108,12 @@ def test_lora_projections_match_reference(case, dtype):
     group = _group(in_dim, outs, adapted, rank, dtype, bias)
     out, grads = _run(ops.lora_projections, group, scaling=0.7)
     ref_out, ref_grads = _run(reference.lora_projections, group, scaling=0.7)
-    _assert_all_close(out, ref_out, dtype)
-    _assert_all_close(grads, ref_grads, dtype)
+    if dtype == torch.float32:
+        _assert_all_close(out, ref_out, dtype)
+        _assert_all_close(grads, ref_grads, dtype)
+    else:
+        true_out, true_grads = _fp32_truth(group, scaling=0.7)
+        _assert_no_worse_than_reference(out + grads, ref_out + ref_grads, true_out + true_grads)
 
 
 def test_lora_projections_refuse_a_trainable_base():
@@ -402,8 +426,8 @@ def test_lora_projections_under_bf16_autocast(case):
         out, grads = _run(ops.lora_projections, group, scaling=0.7, dropout_p=0.0)
         ref_out, ref_grads = _run(reference.lora_projections, group, scaling=0.7, dropout_p=0.0)
     assert out[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
-    _assert_all_close(out, ref_out, torch.bfloat16)
-    _assert_all_close(grads, ref_grads, torch.bfloat16)
+    true_out, true_grads = _fp32_truth(group, scaling=0.7)
+    _assert_no_worse_than_reference(out + grads, ref_out + ref_grads, true_out + true_grads)
 
 
 # ------------------------------------------------------------------------------- strategies
