@@ -132,7 +132,7 @@ def resolve(run_dir: Path, key: dict, per_rank_batch: int, fits: Callable[[int],
     return best
 
 
-def for_run(cfg, run_dir: Path, model, strategy, autocast, world_size: int, vocab_size: int) -> int:
+def for_run(cfg, run_dir: Path, model, strategy, autocast, world_size: int) -> int:
     """The micro batch for this run: cached, or searched on the device with the real model and optimizer."""
     import dataclasses
 
@@ -146,6 +146,7 @@ def for_run(cfg, run_dir: Path, model, strategy, autocast, world_size: int, voca
         "precision": trainer.precision, "activation_checkpointing": trainer.activation_checkpointing,
         "memory_budget_gib": trainer.memory_budget_gib,
     }
+    vocab_size = strategy.unwrapped().config.vocab_size
     fits = device_trial(model, strategy, autocast, trainer.seq_len, vocab_size,
                         budget_bytes(trainer.memory_budget_gib, strategy.device))
     micro = resolve(run_dir, key, trainer.global_batch_size // world_size, fits, write_cache=strategy.is_main)

@@ -60,7 +60,6 @@ class NonFiniteGuard:
         # counted apart, never a strike. A non-finite loss still is one.
         self.scales_loss = scales_loss
         self._skipped = self._in_a_row = self._overflows = 0  # tensors after the first update
-        self._last_bad = (torch.tensor(float("nan")), torch.tensor(float("nan")))
 
     @property
     def skipped(self) -> int:
@@ -93,16 +92,12 @@ class NonFiniteGuard:
             bad = (~finite(loss, grad_norm)).long()
         self._skipped = self._skipped + bad
         self._in_a_row = (self._in_a_row + 1) * bad
-        last_loss, last_norm = self._last_bad
-        self._last_bad = (torch.where(bad.bool(), loss.detach().float(), last_loss.to(loss.device)),
-                          torch.where(bad.bool(), grad_norm.detach().float().to(loss.device),
-                                      last_norm.to(loss.device)))
 
-    def error(self, step: int, last_checkpoint) -> NonFiniteSteps:
+    def error(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, last_checkpoint) -> NonFiniteSteps:
+        """The stop, raised at `step`, which `must_stop` says was the last of the bad run (its loss and norm)."""
         resume = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "there is no checkpoint"
         return NonFiniteSteps(
             f"trainer.max_nonfinite_steps={self.max_in_a_row}: steps {step - self.in_a_row + 1}..{step} in a row "
-            f"had a NaN/inf loss or gradient norm (loss {float(self._last_bad[0]):.4g}, grad norm "
-            f"{float(self._last_bad[1]):.4g}) and "
+            f"had a NaN/inf loss or gradient norm (loss {float(loss):.4g}, grad norm {float(grad_norm):.4g}) and "
             f"were skipped; stopped without saving, {resume}. Lower optim.lr, raise optim.warmup_steps, set "
             f"trainer.grad_clip, check the data, or use trainer.precision=bf16_autocast instead of bf16")

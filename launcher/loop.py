@@ -123,7 +123,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
         log.info("resumed from %s at step %d", resume_from, start_step)
     if cfg.trainer.micro_batch_size == "auto":  # trial steps with the real model and optimizer, before training
         cfg.trainer.micro_batch_size = auto_batch.for_run(cfg, run_dir, model, strategy, precision.autocast,
-                                                          topology.world_size, model_vocab_size(strategy))
+                                                          topology.world_size)
     plan = BatchPlan.resolve(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, topology.world_size)
 
     if strategy.is_main:
@@ -210,7 +210,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
         if stopping:  # every rank decides alike; the bad state is not saved
             settle()
             metrics.close()
-            raise guard.error(done, last_checkpoint)
+            raise guard.error(done, loss, grad_norm, last_checkpoint)
         if saving and guard.last_step_finite:
             with window.timed("checkpoint_s"):
                 last_checkpoint = save(done)
@@ -246,10 +246,6 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
         _print_summary(summary, run_dir)
     metrics.close()  # last: prints `wandb sync ...` for an offline run
     return summary
-
-
-def model_vocab_size(strategy) -> int:
-    return strategy.unwrapped().config.vocab_size
 
 
 def _export(strategy, tokenizer, run_dir: Path) -> Path | None:

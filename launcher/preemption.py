@@ -52,7 +52,11 @@ class PreemptionCheck:
 
     def __init__(self, strategy):
         self.strategy = strategy
-        self._in_flight = None  # (host tensor, event or None) of the last boundary's all-reduce
+        cuda = strategy.world_size > 1 and strategy.device.type == "cuda"  # one process reads its own flag
+        # the last boundary's reduced flags land here; read only after `_arrived` (CUDA) has passed
+        self._host = torch.zeros(len(SIGNALS), pin_memory=cuda)
+        self._arrived = torch.cuda.Event() if cuda else None
+        self._pending = False
 
     def __call__(self) -> str | None:
         local = [float(sig in _received) for sig in SIGNALS]
@@ -60,26 +64,18 @@ class PreemptionCheck:
             return _first_signal(local)
         agreed = self._collect()
         reduced = self.strategy.all_reduce_sum(torch.tensor(local, device=self.strategy.device))
-        self._in_flight = _copy_to_host(reduced)
+        self._host.copy_(reduced, non_blocking=self._arrived is not None)
+        if self._arrived is not None:
+            self._arrived.record()
+        self._pending = True
         return agreed
 
     def _collect(self) -> str | None:
-        if self._in_flight is None:
+        if not self._pending:
             return None
-        host, event = self._in_flight
-        if event is not None:
-            event.synchronize()
-        return _first_signal(host.tolist())
-
-
-def _copy_to_host(tensor: torch.Tensor):
-    if tensor.device.type != "cuda":
-        return tensor, None
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
+        if self._arrived is not None:
+            self._arrived.synchronize()
+        return _first_signal(self._host.tolist())
 
 
 def _first_signal(counts: list[float]) -> str | None:

@@ -82,7 +82,7 @@ def test_guard_counts_and_stops_only_after_n_in_a_row():
     assert (guard.skipped, guard.in_a_row, guard.last_step_finite) == (2, 1, False)
     guard.update(nan, one)
     assert guard.must_stop
-    assert "trainer.max_nonfinite_steps=2" in str(guard.error(5, None))
+    assert "trainer.max_nonfinite_steps=2" in str(guard.error(5, nan, one, None))
 
 
 def test_a_nan_step_leaves_parameters_and_optimizer_state_untouched(monkeypatch):
