@@ -92,6 +92,10 @@ def _check_strategy(config: Config) -> None:
         plan = BatchPlan.resolve(global_batch, micro, world)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if config.peft.method == "qlora" and strategy.name not in ("single", "ddp"):
+        raise ConfigError(f"peft.method=qlora does not work with strategy={strategy.name} yet: FSDP2 and DeepSpeed "
+                          f"drop the 4-bit weights' quantisation state (bitsandbytes' Params4bit); use strategy=ddp "
+                          f"or single, or peft=lora")
     if strategy.name.startswith("zero") and config.optim.name != "adamw":
         raise ConfigError(f"optim={config.optim.name}: DeepSpeed ZeRO partitions and steps its own AdamW; use "
                           f"optim=adamw with strategy={strategy.name} (offload: strategy=zero3_offload), or "

@@ -28,7 +28,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from kernels.models.lora import has_4bit_weights
 from launcher.precision import Precision
 from strategies.distributed import DataParallelStrategy, core_spec, plain_core
 from strategies.optimizers import build_optimizer
@@ -62,9 +61,6 @@ class FSDPStrategy(DataParallelStrategy):
         return MixedPrecisionPolicy()
 
     def setup(self, model: nn.Module, lr: float) -> nn.Module:
-        if has_4bit_weights(model):  # FSDP2 would turn Params4bit into plain tensors and drop the quant_state
-            raise ValueError(f"peft.method=qlora does not work with strategy={self.cfg.strategy.name} yet: FSDP2 loses "
-                             f"the 4-bit weights' quantisation state; use strategy=ddp or single, or peft=lora")
         model = model.to(self.device)
         self._core = core_spec(model)
         shard = dict(mesh=self.mesh, reshard_after_forward=self.cfg.strategy.reshard_after_forward,

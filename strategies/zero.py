@@ -46,7 +46,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from kernels.models.lora import has_4bit_weights
 from launcher.batching import BatchPlan
 from launcher.config import Config
 from launcher.precision import Precision
@@ -226,10 +225,6 @@ class ZeROStrategy(DataParallelStrategy):
         self.stage = cfg.strategy.zero_stage
 
     def setup(self, model: nn.Module, lr: float) -> nn.Module:
-        if has_4bit_weights(model):  # ZeRO partitions and casts parameters; Params4bit's quant_state would not follow
-            raise ValueError(f"peft.method=qlora does not work with strategy={self.cfg.strategy.name} yet: DeepSpeed "
-                             f"does not keep the 4-bit weights' quantisation state; use strategy=ddp or single, "
-                             f"or peft=lora")
         trainer = self.cfg.trainer
         plan = BatchPlan.resolve(trainer.global_batch_size, trainer.micro_batch_size, self.world_size)
         self.ds_config = deepspeed_config(self.cfg, plan, lr, half_dtype(self.cfg, self.device.type),

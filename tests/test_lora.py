@@ -249,7 +249,11 @@ def test_bad_lora_config_names_the_key():
     for overrides, expected in ((["peft=lora", "peft.target_modules=[q_proj,lm_head]"], "peft.target_modules"),
                                 (["peft=lora", "peft.r=0"], "peft.r: must be > 0"),
                                 (["peft=lora", "peft.init_lora_weights=pissa"], "peft.init_lora_weights"),
-                                (["peft=lora", "peft.lora_dropout=1.0"], "peft.lora_dropout")):
+                                (["peft=lora", "peft.lora_dropout=1.0"], "peft.lora_dropout"),
+                                (["peft=qlora", "strategy=fsdp", "cluster.nproc_per_node=2"],
+                                 "peft.method=qlora does not work with strategy=fsdp"),
+                                (["peft=qlora", "strategy=zero3", "cluster.nproc_per_node=2"],
+                                 "peft.method=qlora does not work with strategy=zero3")):
         with pytest.raises(ConfigError, match=expected):
             validate(overrides, multirun=False)
 

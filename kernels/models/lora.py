@@ -169,8 +169,3 @@ def quantize_base_4bit(model: nn.Module, quant: QuantSpec) -> nn.Module:
             layer.bias = child.bias
             setattr(parent, name, layer)
     return model
-
-
-def has_4bit_weights(model: nn.Module) -> bool:
-    """True for a QLoRA model: some parameter is a bitsandbytes Params4bit (it carries a quant_state)."""
-    return any(getattr(p, "quant_state", None) is not None for p in model.parameters())
