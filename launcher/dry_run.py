@@ -23,40 +23,15 @@ bf16_autocast unless trainer.device=cpu.
 """
 from __future__ import annotations
 
-import dataclasses
-
-import torch
 from omegaconf import OmegaConf
 
 from launcher.batching import BatchPlan, scaled_lr
 from launcher.compose import effective_world_size
 from launcher.config import Config
 from launcher.flops import flops_per_token
+from launcher.model_factory import build_meta_model
 
 GIB = 2**30
-
-
-def build_meta_model(cfg: Config):
-    """The model core (with adapters, if any) on the meta device: shapes and counts without memory."""
-    from kernels.models import DecoderLM
-    from launcher.model_factory import add_adapters, architecture
-
-    if cfg.model.path:
-        from kernels.models.hf_io import load_config
-
-        config = load_config(cfg.model.path)
-    else:
-        vocab = cfg.model.vocab_size
-        if not vocab:
-            from launcher.data import load_tokenizer
-
-            vocab = len(load_tokenizer(cfg.model.path, cfg.model.tokenizer))
-        config = architecture(cfg.model, vocab)
-    with torch.device("meta"):
-        model = DecoderLM(config)
-        if cfg.peft.method != "none":  # qlora: its adapters; the 4-bit base is accounted for in bytes
-            add_adapters(model, dataclasses.replace(cfg.peft, method="lora"))
-    return model
 
 
 def planned_precision(cfg: Config) -> str:

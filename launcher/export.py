@@ -26,11 +26,11 @@ USAGE = "usage: launch export run=<run dir or checkpoints/step-N dir> out=<dir>"
 
 def export(run: Path, out: Path) -> Path:
     """Writes config.json, model.safetensors and the tokenizer of `run`'s checkpoint into `out`."""
-    from kernels.models import DecoderLM, load_config, save_pretrained
+    from kernels.models import save_pretrained
     from launcher import peft_export
     from launcher.data import load_tokenizer
+    from launcher.model_factory import build_meta_model
     from launcher.precision import Precision
-    from launcher.model_factory import add_adapters, architecture
     from strategies.distributed import core_spec, plain_core
 
     run_dir, step_dir = _locate(run)
@@ -39,8 +39,8 @@ def export(run: Path, out: Path) -> Path:
         raise ValueError(f"run={run}: a peft=qlora run; its checkpoints hold the 4-bit base: use the adapter/ and "
                          f"hf/ (merged, de-quantised) directories the run wrote at its end")
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
-    config = load_config(cfg.model.path) if cfg.model.path else architecture(cfg.model, len(tokenizer))
-    identity = checkpoint.run_stamp(config, cfg)["identity"]
+    meta_core = build_meta_model(cfg, len(tokenizer))
+    identity = checkpoint.run_stamp(meta_core.config, cfg)["identity"]
     if step_dir is None:
         step_dir = checkpoint.select_resume("auto", run_dir / "checkpoints", identity)
         if step_dir is None:
@@ -49,10 +49,6 @@ def export(run: Path, out: Path) -> Path:
         found = checkpoint.problem(step_dir, identity)
         if found:
             raise ValueError(f"run={run}: {found}; pass another checkpoints/step-N directory or the run directory")
-    with torch.device("meta"):
-        meta_core = DecoderLM(config)
-        if cfg.peft.method == "lora":
-            add_adapters(meta_core, cfg.peft)
     spec = core_spec(meta_core)
     if (step_dir / checkpoint.DEEPSPEED_DIR).is_dir():
         state = _deepspeed_state(step_dir)

@@ -6,9 +6,9 @@ import dataclasses
 import torch
 
 from kernels.dispatch import resolve_ops
-from kernels.models import DecoderConfig, DecoderLM, load_pretrained
+from kernels.models import DecoderConfig, DecoderLM, load_config, load_pretrained
 from kernels.models.lora import LoraSpec, QuantSpec, apply_lora, quantize_base_4bit
-from launcher.config import ModelConfig, PeftConfig
+from launcher.config import Config, ModelConfig, PeftConfig
 
 # ModelConfig fields that are not architecture.
 _NOT_ARCHITECTURE = {"name", "path", "tokenizer", "kernels"}
@@ -43,4 +43,26 @@ def add_adapters(model: DecoderLM, peft: PeftConfig) -> DecoderLM:
         quantize_base_4bit(model, QuantSpec(peft.bnb_4bit_quant_type, peft.bnb_4bit_use_double_quant,
                                             getattr(torch, peft.bnb_4bit_compute_dtype),
                                             getattr(torch, peft.bnb_4bit_quant_storage)))
+    return model
+
+
+def build_meta_model(cfg: Config, tokenizer_vocab_size: int | None = None) -> DecoderLM:
+    """The model core with its adapters on the meta device: shapes and counts without memory.
+
+    For peft=qlora the adapters only: a 4-bit base cannot live on the meta device (the dry
+    run counts its bytes itself). The tokenizer is loaded only when its size is needed
+    and not given.
+    """
+    if cfg.model.path:
+        config = load_config(cfg.model.path)
+    else:
+        if tokenizer_vocab_size is None and not cfg.model.vocab_size:
+            from launcher.data import load_tokenizer
+
+            tokenizer_vocab_size = len(load_tokenizer(cfg.model.path, cfg.model.tokenizer))
+        config = architecture(cfg.model, tokenizer_vocab_size or 0)
+    with torch.device("meta"):
+        model = DecoderLM(config)
+        if cfg.peft.method != "none":
+            add_adapters(model, dataclasses.replace(cfg.peft, method="lora"))
     return model
