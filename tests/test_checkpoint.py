@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ import torch
 from launcher.compose import compose_config, to_config
 from launcher.loop import train
 from strategies import checkpoint
-from test_strategies import env, launch, metrics
+from test_strategies import env, launch, metrics, signal_after_rows
 
 SHORT = ["trainer.log_every=1", "data.max_eval_examples=8", "data.eval_exact_match=false", "trainer.export_hf=false",
          "trainer.deterministic=true", "logger.progress_bar=false"]
@@ -201,12 +200,7 @@ def test_sigusr1_checkpoints_at_the_step_boundary_and_the_resumed_run_matches(re
     worker = subprocess.Popen([sys.executable, "-m", "launcher.train", *SHORT, f"trainer.max_steps={STEPS}",
                                f"hydra.run.dir={preempted}"],
                               cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not ((preempted / "metrics.jsonl").is_file() and len(metrics(preempted)) >= 2):
-        assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()[0][-3000:]
-        time.sleep(0.02)
-    worker.send_signal(signal.SIGUSR1)
-    output = worker.communicate(timeout=300)[0]
+    output = signal_after_rows(worker, preempted, rows=2, timeout=300)
     assert worker.returncode == 0, output[-3000:]
     summary = json.loads((preempted / "summary.json").read_text())
     stopped = summary["steps"]

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ import pytest
 from launcher.config import ClusterConfig
 from launcher.spawn import needs_torchrun, torchrun_command
 from launcher.topology import Topology, _first_host_parsed, slurm_torch_env, tasks_on_node
+from test_strategies import signal_after_rows
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -209,12 +208,7 @@ def test_launch_passes_the_preemption_signal_to_torchruns_workers(tmp_path):
                "cluster.nproc_per_node=2", f"hydra.run.dir={run_dir}"]
     process = subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
-    deadline = time.monotonic() + 240
-    while not ((run_dir / "metrics.jsonl").is_file() and len(losses(run_dir)) >= 2):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-4000:]
-        time.sleep(0.1)
-    process.send_signal(signal.SIGUSR1)
-    output = process.communicate(timeout=120)[0]
+    output = signal_after_rows(process, run_dir, rows=2, timeout=240)
     assert process.returncode == 0, output[-4000:]
     stopped = summary(run_dir)
     assert stopped["preempted"] == "SIGUSR1" and 2 <= stopped["steps"] < 500

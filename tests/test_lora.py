@@ -160,6 +160,16 @@ def test_dropout_is_the_masked_reference_and_reproducible_under_a_seed():
 
 # ------------------------------------------------------------------------------- the model core
 
+def _trainable_grads(model: DecoderLM, ids: torch.Tensor, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """The adapters' gradients of the mean token loss on `ids` (torch seeded first: the dropout mask)."""
+    model.to(DEVICE).train()
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss_sum, n = model(ids.to(DEVICE), ids.to(DEVICE))
+    (loss_sum / n).backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
 def _tiny_lora_model(spec: LoraSpec, seed=0) -> DecoderLM:
     torch.manual_seed(seed)
     return apply_lora(DecoderLM(DecoderConfig(**TINY)), spec)
@@ -207,12 +217,7 @@ def test_model_on_the_fused_op_matches_the_reference_model():
     fused = copy.deepcopy(reference_model)
     fused.set_ops(resolve_ops("triton", torch.device(DEVICE)))
     ids = torch.randint(0, 61, (2, 9))
-    grads = []
-    for model in (reference_model, fused):
-        model.to(DEVICE)
-        loss_sum, n = model(ids.to(DEVICE), ids.to(DEVICE))
-        (loss_sum / n).backward()
-        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    grads = [_trainable_grads(model, ids) for model in (reference_model, fused)]
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -232,13 +237,7 @@ def test_dropout_mask_survives_activation_checkpointing():
     checkpointed = copy.deepcopy(plain)
     checkpointed.enable_activation_checkpointing()
     ids = torch.randint(0, 61, (1, 6))  # few rows: few interpreted programs
-    grads = []
-    for model in (plain, checkpointed):
-        model.to(DEVICE).train()
-        torch.manual_seed(3)
-        loss_sum, n = model(ids.to(DEVICE), ids.to(DEVICE))
-        (loss_sum / n).backward()
-        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    grads = [_trainable_grads(model, ids, seed=3) for model in (plain, checkpointed)]
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 

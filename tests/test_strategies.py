@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -333,6 +335,16 @@ def test_contradicting_deepspeed_json_stops_launch_before_the_run_dir(tmp_path):
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def signal_after_rows(process: subprocess.Popen, run_dir: Path, rows: int, timeout: float) -> str:
+    """Once `process` has logged `rows` metrics rows into run_dir, send it SIGUSR1; returns its output."""
+    deadline = time.monotonic() + timeout
+    while not ((run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= rows):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-4000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+    return process.communicate(timeout=timeout)[0]
 
 
 def launch(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
