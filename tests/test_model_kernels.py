@@ -55,7 +55,15 @@ def test_triton_model_matches_reference_model(model_type, dtype, checkpointing):
         torch.testing.assert_close(grads[name].float(), grad.float(), **TOLERANCE[dtype], msg=name)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+# torch 2.14.1's inductor fails to partition the checkpointed graph (AssertionError "Node
+# _unsafe_masked_index_put_accumulate was invalid, but is output" in min_cut_rematerialization_partition);
+# 2.11 (GPU) and 2.13 (CPU) compile it. Reported as xfail there, not skipped.
+TORCH_2_14 = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+
+
+@pytest.mark.parametrize("checkpointing", [False, pytest.param(True, marks=pytest.mark.xfail(
+    TORCH_2_14, reason="torch 2.14 inductor partitioner assertion on the checkpointed graph", strict=False))],
+    ids=["plain", "activation-checkpointing"])
 def test_torch_compile_matches_eager(checkpointing):
     """torch.compile traces the model core (on CUDA through the Triton ops' autograd wrappers)."""
     config = DecoderConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=96,
