@@ -21,6 +21,7 @@ Results: $OUT/bench_train.json (or --out DIR), one JSON list of rows, rewritten 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -28,8 +29,10 @@ import re
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 LR = 1e-5
@@ -59,17 +62,31 @@ MODELS = {
                  rope_theta=500000.0, tie_word_embeddings=True),
 }
 
-# name: model, mode, micro batch, seq, activation checkpointing
+class Workload(NamedTuple):
+    model: str
+    mode: str  # full | lora | qlora
+    micro_batch: int
+    seq: int
+    checkpointing: str  # trainer.activation_checkpointing: none | full | offload | auto
+    memory_budget_gib: float = 0.0  # checkpointing=auto: trainer.memory_budget_gib
+
+
 WORKLOADS = {
-    "1b-full": ("1b", "full", 8, 2048, False),
-    "1b-full-ckpt": ("1b", "full", 8, 2048, True),
-    "8b-lora": ("8b", "lora", 4, 2048, True),
-    "8b-qlora": ("8b", "qlora", 4, 2048, True),
-    "tiny-full": ("tiny", "full", 2, 64, False),
-    "tiny-full-ckpt": ("tiny", "full", 2, 64, True),
-    "tiny-lora": ("tiny", "lora", 2, 64, True),
-    "tiny-qlora": ("tiny", "qlora", 2, 64, True),
+    "1b-full": Workload("1b", "full", 8, 2048, "none"),
+    "1b-full-ckpt": Workload("1b", "full", 8, 2048, "full"),
+    "8b-lora": Workload("8b", "lora", 4, 2048, "full"),
+    "8b-qlora": Workload("8b", "qlora", 4, 2048, "full"),
+    # Slipstream only (the peers have no such mode; Unsloth's own checkpointing offloads too)
+    "8b-lora-offload": Workload("8b", "lora", 4, 2048, "offload"),
+    "8b-qlora-offload": Workload("8b", "qlora", 4, 2048, "offload"),
+    "8b-lora-auto24": Workload("8b", "lora", 4, 2048, "auto", 24.0),  # issue 8's 24 GiB ceiling
+    "tiny-full": Workload("tiny", "full", 2, 64, "none"),
+    "tiny-full-ckpt": Workload("tiny", "full", 2, 64, "full"),
+    "tiny-lora": Workload("tiny", "lora", 2, 64, "full"),
+    "tiny-qlora": Workload("tiny", "qlora", 2, 64, "full"),
+    "tiny-lora-offload": Workload("tiny", "lora", 2, 64, "offload"),
 }
+SLIPSTREAM_ONLY = ("offload", "auto")  # checkpointing modes the HF rows cannot reproduce
 SYSTEMS = ("slipstream", "liger", "hf")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -77,7 +94,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def flop_counts(model_key: str, mode: str, seq: int, ckpt: bool) -> dict:
+def flop_counts(model_key: str, mode: str, seq: int, recomputed: float) -> dict:
     """Per-token FLOPs, as anchors.py counts them.
 
     dense = non-embedding params + lm_head (the embedding lookup is no matmul; a tied
@@ -85,7 +102,8 @@ def flop_counts(model_key: str, mode: str, seq: int, ckpt: bool) -> dict:
     (attention scores and values, forward + backward, causal mask *not* halved). LoRA:
     the frozen base still needs forward (2N) and input gradients (2N): 4 * dense +
     8 * L * d * seq; the adapters' own FLOPs are left out. `hw` adds what activation
-    checkpointing recomputes (one more forward: 2 * dense + 4 * L * d * seq).
+    checkpointing recomputes (one more forward of the `recomputed` share of the blocks:
+    2 * dense + 4 * L * d * seq for all of them).
     """
     c = MODELS[model_key]
     d, L, V, f = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"]
@@ -97,7 +115,7 @@ def flop_counts(model_key: str, mode: str, seq: int, ckpt: bool) -> dict:
         model = 6 * dense + attn
     else:
         model = 4 * dense + attn * 2 / 3
-    hw = model + (2 * dense + attn / 3 if ckpt else 0)
+    hw = model + recomputed * (2 * dense + attn / 3)
     return {"dense_params": dense, "model_flops_per_token": model, "hw_flops_per_token": hw}
 
 
@@ -159,21 +177,21 @@ def build_hf(system: str, workload: str, device, smoke: bool):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model_key, mode, mb, seq, ckpt = WORKLOADS[workload]
+    spec = WORKLOADS[workload]
     if system == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
-    cfg = LlamaConfig(**MODELS[model_key], attn_implementation="sdpa")
+    cfg = LlamaConfig(**MODELS[spec.model], attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
     model.train()
-    if ckpt:
+    if spec.checkpointing == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if mode == "lora":
+    if spec.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
         model.enable_input_require_grads()
@@ -182,7 +200,7 @@ def build_hf(system: str, workload: str, device, smoke: bool):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                             fused=device.type == "cuda")
-    ids, _ = _make_batch(cfg.vocab_size, mb, seq, device)
+    ids, _ = _make_batch(cfg.vocab_size, spec.micro_batch, spec.seq, device)
 
     def step():
         # labels=ids: transformers shifts them itself (same targets as Slipstream's labels)
@@ -196,46 +214,55 @@ def build_hf(system: str, workload: str, device, smoke: bool):
     return step, model, n_params
 
 
-def build_slipstream(workload: str, device, kernels: str):
-    """The real training path: DecoderLM + resolve_ops + SingleDevice + launcher.loop.train_step."""
+def build_slipstream(spec: Workload, device, kernels: str):
+    """The real training path: DecoderLM + resolve_ops + SingleDevice + launcher.loop.train_step.
+
+    Returns (step function, model, n_params, ops name, checkpointed blocks).
+    """
     import torch
 
     from kernels.dispatch import resolve_ops
     from kernels.models import DecoderConfig, DecoderLM
-    from launcher.config import Config, OptimConfig
+    from launcher import auto_batch
+    from launcher.config import Config, OptimConfig, TrainerConfig
     from launcher.loop import Precision, train_step
     from strategies.single import SingleDevice
 
-    model_key, mode, mb, seq, ckpt = WORKLOADS[workload]
     precision = Precision.resolve("bf16", device)  # pure bf16 parameters, no autocast
     ops = resolve_ops(kernels, device)
-    config = DecoderConfig(model_type="llama", **MODELS[model_key])
+    config = DecoderConfig(model_type="llama", **MODELS[spec.model])
     torch.manual_seed(0)
     with torch.device(device):
         model = DecoderLM(config, ops=ops)
     model = model.to(device=device, dtype=precision.param_dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    if mode != "full":  # peft's LoraConfig(r=16, lora_alpha=16, lora_dropout=0) on the seven projections
+    if spec.mode != "full":  # peft's LoraConfig(r=16, lora_alpha=16, lora_dropout=0) on the seven projections
         from launcher.config import PeftConfig
         from launcher.model_factory import add_adapters
 
-        model = add_adapters(model, PeftConfig(method=mode, r=16, lora_alpha=16, lora_dropout=0.0,
+        model = add_adapters(model, PeftConfig(method=spec.mode, r=16, lora_alpha=16, lora_dropout=0.0,
                                                target_modules="all-linear"))
-    model.enable_activation_checkpointing(ckpt)
-    strategy = SingleDevice(Config(optim=OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY, betas=list(BETAS), eps=EPS)),
-                            device)
+    model.set_activation_checkpointing("full" if spec.checkpointing == "auto" else spec.checkpointing)
+    cfg = Config(optim=OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY, betas=list(BETAS), eps=EPS),
+                 trainer=TrainerConfig(micro_batch_size=spec.micro_batch, seq_len=spec.seq, precision="bf16",
+                                       activation_checkpointing=spec.checkpointing,
+                                       memory_budget_gib=spec.memory_budget_gib))
+    strategy = SingleDevice(cfg, device)
     model = strategy.setup(model, LR)
     model.train()
-    ids, labels = _make_batch(config.vocab_size, mb, seq, device)
+    if spec.checkpointing == "auto":  # the loop's own search (launcher/auto_batch.py), in a scratch directory
+        with tempfile.TemporaryDirectory() as scratch:
+            auto_batch.checkpointed_blocks_for_run(cfg, Path(scratch), model, strategy, contextlib.nullcontext, 1)
+    ids, labels = _make_batch(config.vocab_size, spec.micro_batch, spec.seq, device)
     micro_batches = [{"input_ids": ids, "labels": labels}]
     pad_id = -1  # random ids contain no padding; every position counts as a token
 
-    def step():
-        loss, _grad_norm, _tokens = train_step(model, strategy, micro_batches, precision, pad_id,
+    def step(batches=micro_batches):
+        loss, _grad_norm, _tokens = train_step(model, strategy, batches, precision, pad_id,
                                                grad_clip=GRAD_CLIP)  # .item() inside: one host sync/step
         return loss
 
-    return step, model, n_params, ops.name
+    return step, model, n_params, ops.name, model.checkpointed_blocks
 
 
 def _smoke_interpreter_setup(kernels: str, device) -> None:
@@ -255,15 +282,17 @@ def run_one(args) -> None:
 
     device = _device(args)
     workload, system = args.one
-    model_key, mode, mb, seq, ckpt = WORKLOADS[workload]
+    spec = WORKLOADS[workload]
+    mb, seq = spec.micro_batch, spec.seq
     kernels = args.smoke_kernels if device.type == "cpu" else "triton"
     t_setup = time.perf_counter()
     if system == "slipstream":
         _smoke_interpreter_setup(kernels, device)
-        step, model, n_params, ops_name = build_slipstream(workload, device, kernels)
+        step, model, n_params, ops_name, checkpointed = build_slipstream(spec, device, kernels)
     else:
         step, model, n_params = build_hf(system, workload, device, args.smoke)
-        ops_name = None
+        ops_name, checkpointed = None, (MODELS[spec.model]["num_hidden_layers"] if spec.checkpointing == "full" else 0)
+    recomputed = checkpointed / MODELS[spec.model]["num_hidden_layers"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
@@ -272,7 +301,7 @@ def run_one(args) -> None:
     setup_s = time.perf_counter() - t_setup
 
     if args.profile_steps:
-        profile_child(args, step, workload, mb * seq, device)
+        profile_child(args, step, workload, recomputed, device)
         return
 
     use_events = device.type == "cuda"
@@ -292,7 +321,7 @@ def run_one(args) -> None:
     step_times = [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(args.steps)] if use_events else []
 
     tokens = mb * seq
-    flops = flop_counts(model_key, mode, seq, ckpt)
+    flops = flop_counts(spec.model, spec.mode, seq, recomputed)
     tps = tokens * args.steps / elapsed
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
     peak = peak_bf16(name, args.peak_tflops)
@@ -323,8 +352,10 @@ def run_one(args) -> None:
         "setup_and_warmup_s": setup_s,
         "micro_batch": mb,
         "seq": seq,
-        "activation_checkpointing": ckpt,
-        "mode": mode,
+        "activation_checkpointing": spec.checkpointing,
+        "checkpointed_blocks": checkpointed,
+        "memory_budget_gib": spec.memory_budget_gib or None,
+        "mode": spec.mode,
         "params": n_params,
         "dense_params": flops["dense_params"],
         "model_flops_per_token": flops["model_flops_per_token"],
@@ -405,7 +436,7 @@ def _category(name: str, ours: set[str]) -> str:
     return "other"
 
 
-def profile_child(args, step, workload: str, tokens: int, device) -> None:
+def profile_child(args, step, workload: str, recomputed: float, device) -> None:
     """Time a few unprofiled steps, then profile `args.profile_steps` steps; kernel table to the out dir."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -441,8 +472,9 @@ def profile_child(args, step, workload: str, tokens: int, device) -> None:
     rows = sorted(agg.items(), key=lambda kv: -kv[1][1])
     busy_ms = sum(v[1] for _, v in rows) / n
     step_ms = step_s * 1e3
-    model_key, mode, mb, seq, ckpt = WORKLOADS[workload]
-    flops = flop_counts(model_key, mode, seq, ckpt)
+    spec = WORKLOADS[workload]
+    tokens = spec.micro_batch * spec.seq
+    flops = flop_counts(spec.model, spec.mode, spec.seq, recomputed)
     dense = flops["dense_params"]
 
     lines = [f"# profile: slipstream {workload}, {n} profiled steps after {args.warmup} warm-up, "
@@ -458,9 +490,7 @@ def profile_child(args, step, workload: str, tokens: int, device) -> None:
 
     ceiling = args.matmul_tflops * 1e12 if args.matmul_tflops else None
     gemm_ms = cats.get("gemm (cuBLAS/CUTLASS)", 0.0)
-    gemm_flops = 6 * dense * tokens if mode == "full" else 4 * dense * tokens
-    if ckpt:
-        gemm_flops += 2 * dense * tokens
+    gemm_flops = (6 if spec.mode == "full" else 4) * dense * tokens + recomputed * 2 * dense * tokens
     model_flops = flops["model_flops_per_token"] * tokens
     lines += ["", "## gap to the matmul ceiling"]
     if ceiling:
@@ -484,7 +514,7 @@ def profile_child(args, step, workload: str, tokens: int, device) -> None:
         top.append(f"{short:100s} {calls:6d} {ms:9.2f} {100 * ms / n / step_ms:7.1f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile_1b.txt").write_text("\n".join(lines + top) + "\n")
+    (out / f"profile_{workload}.txt").write_text("\n".join(lines + top) + "\n")
     print("\n".join(lines + top[:3 + 25]), flush=True)  # the summary and the top 25
     print("PROFILE_DONE", flush=True)
 
@@ -563,7 +593,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tests", action="store_true", help="first run the kernel tests here -> test_ops_gpu.txt")
     ap.add_argument("--tests-timeout", type=float, default=200)
-    ap.add_argument("--profile", action="store_true", help="profile 3 Slipstream 1b-full steps -> profile_1b.txt")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile 3 Slipstream steps of --profile-workload -> profile_<workload>.txt")
+    ap.add_argument("--profile-workload", default=None, help="default 1b-full (--smoke: tiny-full)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU in seconds (no GPU needed)")
     ap.add_argument("--smoke-kernels", default="torch", choices=("torch", "triton"),
                     help="Slipstream ops on CPU under --smoke (triton: Triton's interpreter, slow)")
@@ -634,7 +666,7 @@ def main() -> None:
             print(f"matmul ceiling FAILED rc={rc}\n{err[-2000:]}", flush=True)
 
     plan = [(w, s) for w in workloads for s in systems]
-    profile_workload = "tiny-full" if args.smoke else "1b-full"
+    profile_workload = args.profile_workload or ("tiny-full" if args.smoke else "1b-full")
     if args.profile:
         # after the 1b-full rows, before the checkpointed ones
         idx = max([i + 1 for i, (w, _) in enumerate(plan) if w == profile_workload] or [len(plan)])
@@ -642,7 +674,10 @@ def main() -> None:
     rows: list[dict] = []
     min_row_s = 20 if args.smoke else 50  # don't start a row with less time than this left
     for workload, system in plan:
-        if WORKLOADS[workload][1] == "qlora" and system != "slipstream":
+        if system not in ("slipstream", "profile") and WORKLOADS[workload].checkpointing in SLIPSTREAM_ONLY:
+            print(f"note: {workload} / {system}: no such checkpointing mode there (no row)", flush=True)
+            continue
+        if WORKLOADS[workload].mode == "qlora" and system != "slipstream":
             # HF's QLoRA loads a quantised checkpoint from disk: the peers' own script measures it
             print(f"note: {workload} / {system}: measured by anchors_qlora_unsloth.py (no row here)", flush=True)
             continue

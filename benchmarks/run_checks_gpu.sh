@@ -1,8 +1,9 @@
 #!/bin/bash
-# The GPU half of the test suite and a same-run 1B check, in one device call (carry [".peers"]):
-# kernel, model, LoRA/QLoRA, precision and auto-micro-batch tests on CUDA, ZeRO-2 in fp16 through
-# `launch`, then 1b-full for Slipstream and Liger. Needs .peers/bench_bundle.zip and .peers/unsloth/peers.zip
-# (bitsandbytes for QLoRA), see run_gpu.sh and run_peft_gpu.sh.
+# The GPU half of the test suite and the 8B LoRA profile, in one device call (carry [".peers"]):
+# kernel, model, offload, LoRA/QLoRA, precision and auto-size tests on CUDA, ZeRO-2 in fp16 through
+# `launch`, then Slipstream's 8b-lora and 8b-lora-offload rows and a profile of the latter.
+# Needs .peers/bench_bundle.zip and .peers/unsloth/peers.zip (bitsandbytes for QLoRA), see
+# run_gpu.sh and run_peft_gpu.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/checks_out}; export OUT; mkdir -p "$OUT"
@@ -10,15 +11,16 @@ rm -rf /tmp/site /tmp/peers
 python3 -m zipfile -e .peers/bench_bundle.zip /tmp/site
 python3 -m zipfile -e .peers/unsloth/peers.zip /tmp/peers && cp -r /tmp/peers/bitsandbytes /tmp/site/
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_CACHE_DIR=/tmp/triton_cache
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
 
-timeout 240 python3 -m pytest -q -rfEs -p no:cacheprovider -m "not slow" -k "not fsdp" \
-  tests/test_ops.py tests/test_model_kernels.py tests/test_lora.py tests/test_precision.py tests/test_auto_batch.py \
-  > "$OUT/gpu_tests.txt" 2>&1
+timeout 220 python3 -m pytest -q -rfEs -p no:cacheprovider -m "not slow" -k "not fsdp" \
+  tests/test_offload.py tests/test_ops.py tests/test_model_kernels.py tests/test_lora.py tests/test_precision.py \
+  tests/test_auto_batch.py > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests rc=$?"; tail -15 "$OUT/gpu_tests.txt"
 
-timeout 120 python3 -m launcher strategy=zero2 trainer.precision=fp16_autocast trainer.max_steps=20 trainer.log_every=5 \
+timeout 100 python3 -m launcher strategy=zero2 trainer.precision=fp16_autocast trainer.max_steps=20 trainer.log_every=5 \
   trainer.export_hf=false logger.progress_bar=false hydra.run.dir="$OUT/zero2_fp16" > "$OUT/zero2_fp16.log" 2>&1
 echo "zero2 fp16 rc=$?"; tail -4 "$OUT/zero2_fp16.log"; rm -rf "$OUT/zero2_fp16/checkpoints"
 
-timeout 200 python3 benchmarks/bench_train.py --workloads 1b-full --systems slipstream,liger --no-matmul \
-  --budget-s 190 --out "$OUT" 2>&1 | tail -6
+timeout 230 python3 benchmarks/bench_train.py --workloads 8b-lora,8b-lora-offload --systems slipstream --no-matmul \
+  --profile --profile-workload 8b-lora-offload --budget-s 220 --row-timeout 110 --out "$OUT" 2>&1 | tail -45

@@ -88,6 +88,9 @@ def _check_strategy(config: Config) -> None:
             raise ConfigError(f"trainer.global_batch_size={global_batch}: not divisible by the world size {world}, so "
                               f"micro_batch_size=auto has no whole share per rank; use a multiple of {world}")
         micro = 1  # the search keeps accumulation whole; this checks the rest of the plan
+    if config.trainer.activation_checkpointing == "auto" and strategy.name.startswith("zero"):
+        raise ConfigError(f"trainer.activation_checkpointing=auto: its trial backward passes would stay in DeepSpeed's "
+                          f"gradient buffers; use full or offload with strategy={strategy.name}, or single, ddp or fsdp")
     try:
         plan = BatchPlan.resolve(global_batch, micro, world)
     except ValueError as err:
@@ -138,6 +141,9 @@ def check_machine(config: Config, launching: bool) -> None:
     if trainer.micro_batch_size == "auto" and not on_gpu:
         raise ConfigError("trainer.micro_batch_size=auto: searches the largest micro batch that fits a GPU, and this "
                           f"run is on the CPU (trainer.device={trainer.device}); set trainer.micro_batch_size to a number")
+    if trainer.activation_checkpointing == "auto" and not on_gpu:
+        raise ConfigError("trainer.activation_checkpointing=auto: fits the checkpointed blocks to a GPU's memory, and "
+                          f"this run is on the CPU (trainer.device={trainer.device}); use none, full or offload")
     if config.optim.name != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"optim={config.optim.name}: needs bitsandbytes; pip install 'slipstream[qlora]' "
                           f"(or bitsandbytes), or use optim=adamw")

@@ -19,7 +19,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")  # the l
 STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3", "zero3_offload")
 PEFT_METHODS = ("none", "lora", "qlora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CHECKPOINTING = ("none", "full")
+CHECKPOINTING = ("none", "full", "offload", "auto")
 OVERLONG = ("truncate", "drop")
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -208,11 +208,13 @@ class OptimConfig:
 class TrainerConfig:
     global_batch_size: int = 64  # sequences per optimizer step, over all ranks
     micro_batch_size: Any = 8  # sequences per forward/backward on one device, or auto (launcher/auto_batch.py)
-    memory_budget_gib: float = 0.0  # micro_batch_size=auto: peak allowed per device (0: 90% of the card)
+    memory_budget_gib: float = 0.0  # the auto sizes' peak allowed per device (0: 90% of the card)
     seq_len: int = 2048
     max_steps: int = 100
     precision: str = "auto"  # auto: bf16_autocast on GPUs with bf16, fp16_autocast on older GPUs, fp32 on CPU
     grad_clip: float = 1.0  # 0 disables clipping
+    # none | full (recompute every block) | offload (full, block inputs in pinned host memory)
+    # | auto (the fewest checkpointed blocks that fit memory_budget_gib): launcher/auto_batch.py
     activation_checkpointing: str = "none"
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 42

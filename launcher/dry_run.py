@@ -11,7 +11,9 @@ shards over W / replicas; offloaded states count 0):
     gathered    (root + 2 decoder blocks) x compute bytes, when parameters are sharded
                 (FSDP's / ZeRO-3's working set: the unit in use plus the one prefetched)
     activations micro_batch x seq_len x L x (6h + 2 d_kv + 3 i) x compute bytes;
-                with activation checkpointing L x h per token plus one block's full set
+                with activation checkpointing L x h per token plus one block's full set;
+                offload keeps 2 block inputs on the device (the one in use, the one
+                prefetched) instead of L; auto is planned as full (it searches on the GPU)
 
 param bytes are 4 (fp32, bf16_autocast) or 2 (bf16); AdamW keeps two states in the
 parameters' dtype; DeepSpeed in bf16 keeps bf16 weights and gradients and 12 bytes of
@@ -80,8 +82,11 @@ def memory_estimate(cfg: Config, model, world_size: int) -> dict[str, float]:
     gathered = (root_params + 2 * block_params) * compute_bytes if shard_params > 1 else 0.0
     tokens = planned_micro_batch(cfg) * cfg.trainer.seq_len
     per_block = 6 * c.hidden_size + 2 * c.num_key_value_heads * c.head_dim + 3 * c.intermediate_size
-    if cfg.trainer.activation_checkpointing == "full":
+    checkpointing = cfg.trainer.activation_checkpointing
+    if checkpointing in ("full", "auto"):
         activation_elements = tokens * (c.num_hidden_layers * c.hidden_size + per_block)
+    elif checkpointing == "offload":
+        activation_elements = tokens * (2 * c.hidden_size + per_block)
     else:
         activation_elements = tokens * c.num_hidden_layers * per_block
     parts = {

@@ -101,7 +101,8 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
     train_set, eval_set = load_splits(cfg.data, tokenizer, cfg.trainer.seq_len, cfg.trainer.seed)
     model = build_model(cfg.model, len(tokenizer), device, precision.param_dtype, cfg.trainer.seed, cfg.peft)
-    model.enable_activation_checkpointing(cfg.trainer.activation_checkpointing == "full")
+    checkpointing = cfg.trainer.activation_checkpointing
+    model.set_activation_checkpointing("full" if checkpointing == "auto" else checkpointing)  # auto: searched below
     model_flops_per_token = flops_per_token(model, cfg.trainer.seq_len)  # before sharding hides the shapes
 
     stamp = checkpoint.run_stamp(model.config, cfg)  # recorded in every checkpoint, checked on resume
@@ -124,6 +125,8 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     if cfg.trainer.micro_batch_size == "auto":  # trial steps with the real model and optimizer, before training
         cfg.trainer.micro_batch_size = auto_batch.for_run(cfg, run_dir, model, strategy, precision.autocast,
                                                           topology.world_size)
+    if checkpointing == "auto":  # the fewest checkpointed blocks that fit, at the micro batch just settled
+        auto_batch.checkpointed_blocks_for_run(cfg, run_dir, model, strategy, precision.autocast, topology.world_size)
     plan = BatchPlan.resolve(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, topology.world_size)
 
     if strategy.is_main:
@@ -284,6 +287,7 @@ def _print_start_table(cfg, plan, lr, topology, device, precision, strategy, tra
                    f"(params {str(precision.param_dtype).removeprefix('torch.')}"
                    f"{', autocast ' + str(precision.autocast_dtype).removeprefix('torch.') if precision.autocast_dtype else ''})"),
         ("world size", topology.world_size), ("micro batch", plan.micro_batch_size),
+        ("checkpointing", _checkpointing_line(cfg.trainer.activation_checkpointing, strategy.unwrapped())),
         ("accumulation", plan.accumulation_steps), ("global batch", plan.global_batch_size),
         ("tokens per step", f"<= {plan.global_batch_size * cfg.trainer.seq_len:,} (seq_len {cfg.trainer.seq_len})"),
         ("lr", f"{lr:.3g} ({cfg.optim.schedule}, warmup {cfg.optim.warmup_steps}, scaling {cfg.optim.lr_scaling})"),
@@ -292,6 +296,12 @@ def _print_start_table(cfg, plan, lr, topology, device, precision, strategy, tra
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
+
+
+def _checkpointing_line(mode: str, core) -> str:
+    blocks = f"{core.checkpointed_blocks} of {len(core.model.layers)} blocks recompute in backward"
+    return {"none": "none", "full": blocks, "offload": f"{blocks}, their inputs in host memory",
+            "auto": f"auto: {blocks}"}[mode]
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:

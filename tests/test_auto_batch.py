@@ -49,7 +49,7 @@ def test_result_is_cached_per_key(tmp_path):
 def test_nothing_fits_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"trainer.micro_batch_size=auto: not even 1 sequence of trainer.seq_len=64"):
         auto_batch.resolve(tmp_path, KEY, 8, lambda m: False, write_cache=True)
-    assert not (tmp_path / auto_batch.CACHE_FILE).exists()
+    assert not (tmp_path / auto_batch.MICRO_BATCH_CACHE).exists()
 
 
 class OutOfMemoryAbove(torch.nn.Module):
@@ -113,6 +113,51 @@ def test_a_run_with_auto_micro_batch_respects_the_budget_and_caches(tmp_path):
                  "trainer.max_steps=2", "trainer.export_hf=false", "trainer.memory_budget_gib=0.1",
                  "data.max_eval_examples=0"]  # the budget is the training step's; evaluation batches are not searched
     summary = train(to_config(compose_config(overrides)), tmp_path)
-    cached = json.loads((tmp_path / auto_batch.CACHE_FILE).read_text())
-    assert 1 <= cached["micro_batch_size"] < 64 and 64 % cached["micro_batch_size"] == 0
+    cached = json.loads((tmp_path / auto_batch.MICRO_BATCH_CACHE).read_text())
+    assert 1 <= cached["size"] < 64 and 64 % cached["size"] == 0
     assert summary["peak_alloc_gib"] <= 0.1 * 1.1  # the trial's peak plus the optimizer states it reserved
+
+
+# ------------------------------------------------------------- trainer.activation_checkpointing=auto
+
+
+def test_checkpointing_search_takes_the_fewest_blocks_that_fit(tmp_path):
+    key = dict(KEY, micro_batch_size=4)
+    tried = []
+
+    def fits_whole(whole):  # up to 5 of 16 blocks may keep their activations
+        tried.append(whole)
+        return whole <= 5
+
+    assert auto_batch.resolve_checkpointing(tmp_path, key, 16, fits_whole, write_cache=True) == 11
+    assert len(tried) <= 5  # 17 candidates: ceil(log2(17 + 1))
+    assert auto_batch.resolve_checkpointing(tmp_path, key, 16, lambda whole: False, write_cache=True) == 11  # cached
+    with pytest.raises(ValueError, match=r"activation_checkpointing=auto: even with all 16 blocks checkpointed"):
+        auto_batch.resolve_checkpointing(tmp_path, dict(key, seq_len=128), 16, lambda whole: False, write_cache=True)
+
+
+class OutOfMemoryWithFewCheckpoints(torch.nn.Module):
+    """The real model, failing like the CUDA allocator while fewer than `needed` blocks are checkpointed."""
+
+    def __init__(self, core, needed):
+        super().__init__()
+        self.core, self.needed = core, needed
+
+    def forward(self, input_ids, labels):
+        if self.core.checkpointed_blocks < self.needed:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return self.core(input_ids, labels)
+
+
+def test_auto_checkpointing_sets_the_blocks_on_the_model_and_caches(tmp_path):
+    from launcher.compose import compose_config, to_config
+
+    cfg = to_config(compose_config(["trainer.micro_batch_size=2", "trainer.seq_len=16", "model.num_hidden_layers=6"]))
+    core = DecoderLM(DecoderConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1))
+    core.train()
+    strategy = SingleDevice(Config(optim=OptimConfig(lr=1e-3)), torch.device("cpu"))
+    model = OutOfMemoryWithFewCheckpoints(strategy.setup(core, lr=1e-3), needed=4)
+    blocks = auto_batch.checkpointed_blocks_for_run(cfg, tmp_path, model, strategy, contextlib.nullcontext, 1)
+    assert blocks == core.checkpointed_blocks == 4 and not core.offload_checkpoints
+    assert json.loads((tmp_path / auto_batch.CHECKPOINTING_CACHE).read_text())["size"] == 2  # blocks left whole

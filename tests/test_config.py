@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from launcher.batching import BatchPlan, scaled_lr
 from launcher.compose import CONF_DIR, ConfigError, compose_config, to_config, validate
@@ -55,6 +56,10 @@ def test_demo_trainer_values_go_away_with_other_data(tmp_path):
     (["trainer.global_batch_size=60"], "trainer.global_batch_size: 60 is not a multiple"),
     (["data=text"], "data.path: required for data=text"),
     (["model.kernels=cuda"], "model.kernels"),
+    (["trainer.activation_checkpointing=some"], "trainer.activation_checkpointing: got 'some'"),
+    (["strategy=zero3", "trainer.activation_checkpointing=auto"], "trainer.activation_checkpointing=auto: its trial"),
+    pytest.param(["trainer.activation_checkpointing=auto"], "trainer.activation_checkpointing=auto: fits the",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="refused only off the GPU")),
 ])
 def test_bad_input_names_the_key(overrides, expected):
     with pytest.raises(ConfigError) as err:

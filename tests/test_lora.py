@@ -235,7 +235,7 @@ def test_dropout_mask_survives_activation_checkpointing():
         for layer in lora_layers(plain).values():
             layer.lora_B.weight.normal_(0, 0.1)
     checkpointed = copy.deepcopy(plain)
-    checkpointed.enable_activation_checkpointing()
+    checkpointed.set_activation_checkpointing("full")
     ids = torch.randint(0, 61, (1, 6))  # few rows: few interpreted programs
     grads = [_trainable_grads(model, ids, seed=3) for model in (plain, checkpointed)]
     for name, grad in grads[0].items():

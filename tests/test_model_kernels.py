@@ -36,7 +36,7 @@ def test_triton_model_matches_reference_model(model_type, dtype, checkpointing):
     fused = copy.deepcopy(reference)
     fused.set_ops(resolve_ops("triton", DEVICE))
     for model in (reference, fused):
-        model.enable_activation_checkpointing(checkpointing)
+        model.set_activation_checkpointing("full" if checkpointing else "none")
         model.train()
 
     input_ids = torch.randint(0, 97, (2, 12), device=DEVICE)
@@ -71,7 +71,7 @@ def test_torch_compile_matches_eager(checkpointing):
     torch.manual_seed(0)
     # The interpreter cannot run inside compiled graphs: on CPU the reference ops are compiled.
     model = DecoderLM(config, resolve_ops("triton" if DEVICE.type == "cuda" else "torch", DEVICE)).to(DEVICE)
-    model.enable_activation_checkpointing(checkpointing)
+    model.set_activation_checkpointing("full" if checkpointing else "none")
     model.train()
     input_ids = torch.randint(0, 97, (2, 12), device=DEVICE)
     labels = torch.randint(0, 97, (2, 12), device=DEVICE)

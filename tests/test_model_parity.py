@@ -121,17 +121,19 @@ def test_packed_documents_match_separate_sequences():
     assert_close("second document", packed_logits[:, 5:], model.logits(second))
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("mode,blocks", [("full", None), ("full", 1), ("offload", None), ("offload", 1)])
+def test_activation_checkpointing_gives_the_same_gradients(mode, blocks):
     torch.manual_seed(0)
     model = DecoderLM(tiny_config())
     input_ids, labels = batch()
     grads = []
-    for enabled in (False, True):
+    for setting in (("none", None), (mode, blocks)):
         model.zero_grad()
-        model.enable_activation_checkpointing(enabled)
+        model.set_activation_checkpointing(*setting)
         loss_sum, _ = model(input_ids, labels)
         loss_sum.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert model.checkpointed_blocks == (blocks or len(model.model.layers))
     for name in grads[0]:
         assert_close(name, grads[1][name], grads[0][name])
 

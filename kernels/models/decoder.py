@@ -8,6 +8,8 @@ in `model.layers` is a self-contained module so FSDP2 can shard it on its own.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels.dispatch import REFERENCE_OPS, Ops
 from kernels.models.config import DecoderConfig
 from kernels.models.lora import project
+from kernels.models.offload import HostOffloader
 from kernels.models.rope import rope_cos_sin, rope_parameters
 
 
@@ -126,7 +129,8 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.activation_checkpointing = False
+        self.checkpointed_blocks = 0  # the first N blocks recompute in backward (set_activation_checkpointing)
+        self.offload_checkpoints = False
         inv_freq, self.rope_attention_scaling = rope_parameters(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.init_weights()
@@ -136,9 +140,17 @@ class DecoderLM(nn.Module):
         for block in self.model.layers:
             block.ops = ops
 
-    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block in backward instead of keeping its activations (training only)."""
-        self.activation_checkpointing = enabled
+    def set_activation_checkpointing(self, mode: str = "full", blocks: int | None = None) -> None:
+        """Recompute blocks in backward instead of keeping their activations (training only).
+
+        mode: none | full | offload (full, and each checkpointed block's input waits in
+        host memory: kernels/models/offload.py). blocks: how many, from the first; None = all.
+        """
+        assert mode in ("none", "full", "offload"), mode
+        count = len(self.model.layers) if blocks is None else blocks
+        assert 0 <= count <= len(self.model.layers), count
+        self.checkpointed_blocks = 0 if mode == "none" else count
+        self.offload_checkpoints = mode == "offload"
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -177,13 +189,15 @@ class DecoderLM(nn.Module):
         cos_BTd, sin_BTd = rope_cos_sin(self.inv_freq, position_ids, self.rope_attention_scaling)
         mask_B1TT = attention_mask(T, document_ids, self.config.sliding_window, input_ids.device)
         residual_BTD, delta_BTD = self.model.embed_tokens(input_ids), None
-        for block in self.model.layers:
-            if self.activation_checkpointing and self.training:
+        offloader = HostOffloader(input_ids.device) if self.offload_checkpoints and torch.is_grad_enabled() else None
+        for index, block in enumerate(self.model.layers):
+            if self.training and index < self.checkpointed_blocks:
                 # A checkpoint keeps its inputs: hand it one summed tensor, not two.
                 if delta_BTD is not None:
                     residual_BTD, delta_BTD = residual_BTD + delta_BTD, None
-                residual_BTD, delta_BTD = checkpoint(block, residual_BTD, delta_BTD, cos_BTd, sin_BTd, mask_B1TT,
-                                                     use_reentrant=False)
+                with offloader.saving(residual_BTD) if offloader else contextlib.nullcontext():
+                    residual_BTD, delta_BTD = checkpoint(block, residual_BTD, delta_BTD, cos_BTd, sin_BTd,
+                                                         mask_B1TT, use_reentrant=False)
             else:
                 residual_BTD, delta_BTD = block(residual_BTD, delta_BTD, cos_BTd, sin_BTd, mask_B1TT)
         return add_then_norm(residual_BTD, delta_BTD, self.model.norm, self.ops)[1]

@@ -1,0 +1,149 @@
+"""Longest context: how long one sequence an 8B LoRA / QLoRA run fits at micro batch 1.
+
+Slipstream's real training step (bench_train.build_slipstream: the model core, its
+Triton kernels, SingleDevice, launcher.loop.train_step) with activation checkpointing
+offloaded to pinned host memory, as Unsloth's "unsloth" checkpointing does. One child
+process per mode builds the model once, then runs one full step (forward, backward,
+AdamW) at doubling sequence lengths until a step runs out of memory or the next one
+would not finish in the time left. Attention makes a step's time grow with the square
+of the length (an 8B step at 128k tokens takes about a minute, at 256k four), so the
+search stops where the budget does; the device memory measured at each length is then
+fitted with a line (everything but the weights grows linearly: flash attention and the
+chunked loss keep nothing quadratic) to say where the card would be full, and the
+pinned host memory per token says where the host would be.
+
+Each row: workload (8b-lora-longest / 8b-qlora-longest), longest_fitting_seq (the
+longest length measured to fit), the per-length peaks and step times, and the two
+predicted limits. Results: $OUT/longest_context.json.
+
+usage: python benchmarks/longest_context.py [--modes lora,qlora] [--start 16384] [--budget-s 500]
+       python benchmarks/longest_context.py --smoke      # tiny model on CPU, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench_train import MODELS, REPO, Workload, _make_batch, build_slipstream  # noqa: E402
+
+GIB = 2**30
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope)."""
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return mean_y - slope * mean_x, slope
+
+
+def search(mode: str, model: str, start: int, max_seq: int, deadline: float, device) -> dict:
+    """Child: one step per doubling length; a step that would overrun the deadline is not started."""
+    import torch
+
+    kernels = "triton" if device.type == "cuda" else "torch"
+    step, _, _, _, _ = build_slipstream(Workload(model, mode, 1, start, "offload"), device, kernels)
+    vocab = MODELS[model]["vocab_size"]
+    trials, seq, last_s = [], start, 0.0
+    while True:
+        # Attention dominates long steps: the next one takes about 4x this one (2x the length).
+        if trials and time.time() + 4.5 * last_s > deadline:
+            outcome = "stopped: the next length would overrun the time budget"
+            break
+        if seq > max_seq:
+            outcome = f"stopped at --max-seq {max_seq}"
+            break
+        ids, labels = _make_batch(vocab, 1, seq, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_host_memory_stats()
+        started = time.perf_counter()
+        try:
+            loss = float(step([{"input_ids": ids, "labels": labels}]))
+        except torch.OutOfMemoryError:
+            outcome = f"out of device memory at {seq} tokens"
+            trials.append({"seq": seq, "fits": False})
+            break
+        finally:
+            del ids, labels
+        last_s = time.perf_counter() - started
+        cuda = device.type == "cuda"
+        trials.append({"seq": seq, "fits": True, "step_s": last_s, "loss": loss,
+                       "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+                       **{f"pinned_host_{key}_gib": torch.cuda.host_memory_stats().get(f"{key}_bytes.peak", 0) / GIB
+                          if cuda else None for key in ("allocated", "active")}})
+        print(f"{mode} {seq:>8,} tokens: step {last_s:6.1f}s, peak {trials[-1]['peak_alloc_gib'] or 0:.1f} GiB",
+              flush=True)
+        seq *= 2
+    fitting = [t for t in trials if t["fits"]]
+    row = {"trials": trials, "outcome": outcome, "longest_fitting_seq": fitting[-1]["seq"] if fitting else None}
+    if device.type == "cuda" and len(fitting) >= 2:
+        total = torch.cuda.get_device_properties(device).total_memory / GIB
+        intercept, per_token = fit_line([t["seq"] for t in fitting], [t["peak_alloc_gib"] for t in fitting])
+        host_per_token = max(t["pinned_host_allocated_gib"] / t["seq"] for t in fitting)
+        host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+        row.update({
+            "device_total_gib": total, "peak_gib_at_0": intercept, "device_kib_per_token": per_token * 2**20,
+            "predicted_device_limit_seq": int((total - intercept) / per_token),
+            "host_total_gib": host_total, "pinned_host_kib_per_token": host_per_token * 2**20,
+            "predicted_host_limit_seq": int(host_total / host_per_token) if host_per_token else None,
+        })
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", default="qlora,lora")
+    ap.add_argument("--start", type=int, default=16384)
+    ap.add_argument("--max-seq", type=int, default=1 << 20)
+    ap.add_argument("--budget-s", type=float, default=500, help="for all modes together")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/longest_context_out")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    model = "tiny" if args.smoke else "8b"
+
+    if args.one:
+        import torch
+
+        device = torch.device("cpu" if args.smoke else "cuda")
+        print("RESULT " + json.dumps(search(args.one, model, args.start, args.max_seq, args.deadline, device)), flush=True)
+        return
+
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    modes = [m for m in args.modes.split(",") if m]
+    rows = []
+    for index, mode in enumerate(modes):
+        share = (args.budget_s - (time.time() - started)) / (len(modes) - index)
+        cmd = [sys.executable, __file__, "--one", mode, "--start", str(64 if args.smoke else args.start),
+               "--max-seq", str(512 if args.smoke else args.max_seq), "--deadline", str(time.time() + share)] + (["--smoke"] if args.smoke else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=share + 120)
+        (out / f"longest_context-{mode}.log").write_text(proc.stdout + proc.stderr)
+        result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if not result:
+            print(f"FAILED {mode} rc={proc.returncode}\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        import torch
+
+        row = {"workload": f"{model}-{mode}-longest", "system": "slipstream",
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)",
+               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "micro_batch": 1,
+               "activation_checkpointing": "offload", **json.loads(result[0][7:])}
+        rows.append(row)
+        (out / "longest_context.json").write_text(json.dumps(rows, indent=1))
+        print(json.dumps({k: v for k, v in row.items() if k != "trials"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
