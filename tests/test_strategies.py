@@ -123,6 +123,7 @@ def worker(spec: dict) -> dict:
     for name, param in model.named_parameters():
         if spec.get("freeze") and any(part in name for part in spec["freeze"]):
             param.requires_grad_(False)
+    model.set_activation_checkpointing(spec.get("checkpointing", "none"))
     model = strategy.setup(model, lr=cfg.optim.lr)
     if cfg.strategy.name == "ddp":
         strategy.ddp.register_comm_hook(None, counter.ddp_hook)
@@ -216,6 +217,9 @@ CASES = {
     "zero1": {"strategy": {"name": "zero1", "zero_stage": 1}},
     "zero2": {"strategy": {"name": "zero2", "zero_stage": 2}},
     "zero3": {"strategy": {"name": "zero3", "zero_stage": 3}},
+    # recomputed blocks whose inputs wait in host memory, under sharded parameters
+    "fsdp_offloaded_checkpoints": {"strategy": {"name": "fsdp"}, "checkpointing": "offload"},
+    "zero3_offloaded_checkpoints": {"strategy": {"name": "zero3", "zero_stage": 3}, "checkpointing": "offload"},
 }
 
 
