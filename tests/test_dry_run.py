@@ -53,3 +53,16 @@ def test_launch_dry_run_flag(tmp_path, monkeypatch, capsys):
     launch(["--dry-run", "model=llama3_8b", "trainer.micro_batch_size=8", f"hydra.run.dir={tmp_path}/run"])
     assert "parameters     8,030,261,248 total" in capsys.readouterr().out
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_checkpointing_modes_in_the_activation_estimate():
+    def activations(mode):
+        overrides = ["model=llama3_8b", "peft=lora", "trainer.micro_batch_size=4", "trainer.seq_len=2048",
+                     f"trainer.activation_checkpointing={mode}"]
+        return dry_run(to_config(compose_config(overrides)), show=False)["memory_gib"]["activations"]
+
+    tokens, layers, hidden = 4 * 2048, 32, 4096
+    one_block = activations("full") - tokens * layers * hidden * 2 / GIB  # bf16 autocast: 2 bytes an element
+    assert activations("offload") == pytest.approx(one_block + tokens * 2 * hidden * 2 / GIB)
+    assert activations("auto") == activations("full")  # planned as full; the GPU search may keep fewer
+    assert activations("none") == pytest.approx(layers * one_block)
