@@ -242,7 +242,7 @@ def build_slipstream(spec: Workload, device, kernels: str):
 
         model = add_adapters(model, PeftConfig(method=spec.mode, r=16, lora_alpha=16, lora_dropout=0.0,
                                                target_modules="all-linear"))
-    model.set_activation_checkpointing("full" if spec.checkpointing == "auto" else spec.checkpointing)
+    model.set_activation_checkpointing("offload" if spec.checkpointing == "auto" else spec.checkpointing)
     cfg = Config(optim=OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY, betas=list(BETAS), eps=EPS),
                  trainer=TrainerConfig(micro_batch_size=spec.micro_batch, seq_len=spec.seq, precision="bf16",
                                        activation_checkpointing=spec.checkpointing,

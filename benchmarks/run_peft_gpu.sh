@@ -18,6 +18,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKE
 export TRITON_CACHE_DIR=/tmp/triton_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
 
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_offload.py 2>&1 | tail -3 | tee "$OUT/test_offload_gpu.txt"
+
 # HF + peft (5.8k tok/s, 31.4 GiB on 2026-12-07) is left out to keep the call under 10 minutes: add hf to --systems.
 PYTHONPATH=/tmp/site:$PWD timeout 270 python3 benchmarks/bench_train.py \
   --workloads 8b-lora,8b-lora-offload,8b-lora-auto24,8b-qlora,8b-qlora-offload --systems ${SYSTEMS:-slipstream} \

@@ -6,10 +6,12 @@ of the global batch (global / world size), so accumulation stays a whole number 
 the effective batch is unchanged.
 
 Checkpointing: the fewest checkpointed blocks that fit, so spare memory buys speed
-(no recomputation) instead of sitting idle. Blocks are checkpointed from the first;
-a trial with u blocks left whole keeps u blocks' activations more than full
-checkpointing. When both are auto, the micro batch is searched first with every block
-checkpointed, then the blocks at that micro batch.
+(no recomputation) instead of sitting idle. Blocks are checkpointed from the first and
+their inputs offloaded to host memory (kernels/models/offload.py: the copies hide
+behind compute, and every block kept whole needs the room they free); a trial with u
+blocks left whole keeps u blocks' activations more than full offloaded checkpointing.
+When both are auto, the micro batch is searched first with every block checkpointed,
+then the blocks at that micro batch.
 
 Memory grows with the size searched, so a binary search needs about log2(#candidates)
 trials. A trial is forward + backward at the real sequence length on random tokens,
@@ -155,8 +157,8 @@ def resolve_checkpointing(run_dir: Path, key: dict, num_blocks: int, fits_whole:
     if whole is None:
         raise ValueError(f"trainer.activation_checkpointing=auto: even with all {num_blocks} blocks checkpointed, "
                          f"micro batch {key['micro_batch_size']} x trainer.seq_len={key['seq_len']} does not fit the "
-                         f"memory budget; use trainer.activation_checkpointing=offload, a smaller "
-                         f"trainer.micro_batch_size, or raise trainer.memory_budget_gib")
+                         f"memory budget; use a smaller trainer.micro_batch_size or trainer.seq_len, peft=lora "
+                         f"or a sharding strategy (fsdp, zero3), or raise trainer.memory_budget_gib")
     return num_blocks - whole
 
 
@@ -200,10 +202,10 @@ def checkpointed_blocks_for_run(cfg, run_dir: Path, model, strategy, autocast, w
     fits = _trial(cfg, model, strategy, autocast)
 
     def fits_whole(whole: int) -> bool:
-        core.set_activation_checkpointing("full", num_blocks - whole)
+        core.set_activation_checkpointing("offload", num_blocks - whole)
         return fits(micro)
 
     blocks = resolve_checkpointing(run_dir, key, num_blocks, fits_whole, write_cache=strategy.is_main)
-    core.set_activation_checkpointing("full", blocks)
+    core.set_activation_checkpointing("offload", blocks)
     log.info("auto activation checkpointing: %d of %d blocks recompute in backward", blocks, num_blocks)
     return blocks

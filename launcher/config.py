@@ -214,7 +214,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto: bf16_autocast on GPUs with bf16, fp16_autocast on older GPUs, fp32 on CPU
     grad_clip: float = 1.0  # 0 disables clipping
     # none | full (recompute every block) | offload (full, block inputs in pinned host memory)
-    # | auto (the fewest checkpointed blocks that fit memory_budget_gib): launcher/auto_batch.py
+    # | auto (the fewest offloaded checkpointed blocks that fit memory_budget_gib): launcher/auto_batch.py
     activation_checkpointing: str = "none"
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 42

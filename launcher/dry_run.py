@@ -13,7 +13,7 @@ shards over W / replicas; offloaded states count 0):
     activations micro_batch x seq_len x L x (6h + 2 d_kv + 3 i) x compute bytes;
                 with activation checkpointing L x h per token plus one block's full set;
                 offload keeps 2 block inputs on the device (the one in use, the one
-                prefetched) instead of L; auto is planned as full (it searches on the GPU)
+                prefetched) instead of L; auto is planned as offload (it searches on the GPU)
 
 param bytes are 4 (fp32, bf16_autocast) or 2 (bf16); AdamW keeps two states in the
 parameters' dtype; DeepSpeed in bf16 keeps bf16 weights and gradients and 12 bytes of
@@ -83,9 +83,9 @@ def memory_estimate(cfg: Config, model, world_size: int) -> dict[str, float]:
     tokens = planned_micro_batch(cfg) * cfg.trainer.seq_len
     per_block = 6 * c.hidden_size + 2 * c.num_key_value_heads * c.head_dim + 3 * c.intermediate_size
     checkpointing = cfg.trainer.activation_checkpointing
-    if checkpointing in ("full", "auto"):
+    if checkpointing == "full":
         activation_elements = tokens * (c.num_hidden_layers * c.hidden_size + per_block)
-    elif checkpointing == "offload":
+    elif checkpointing in ("offload", "auto"):
         activation_elements = tokens * (2 * c.hidden_size + per_block)
     else:
         activation_elements = tokens * c.num_hidden_layers * per_block

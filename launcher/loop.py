@@ -102,7 +102,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     train_set, eval_set = load_splits(cfg.data, tokenizer, cfg.trainer.seq_len, cfg.trainer.seed)
     model = build_model(cfg.model, len(tokenizer), device, precision.param_dtype, cfg.trainer.seed, cfg.peft)
     checkpointing = cfg.trainer.activation_checkpointing
-    model.set_activation_checkpointing("full" if checkpointing == "auto" else checkpointing)  # auto: searched below
+    model.set_activation_checkpointing("offload" if checkpointing == "auto" else checkpointing)  # auto: searched below
     model_flops_per_token = flops_per_token(model, cfg.trainer.seq_len)  # before sharding hides the shapes
 
     stamp = checkpoint.run_stamp(model.config, cfg)  # recorded in every checkpoint, checked on resume
@@ -301,7 +301,7 @@ def _print_start_table(cfg, plan, lr, topology, device, precision, strategy, tra
 def _checkpointing_line(mode: str, core) -> str:
     blocks = f"{core.checkpointed_blocks} of {len(core.model.layers)} blocks recompute in backward"
     return {"none": "none", "full": blocks, "offload": f"{blocks}, their inputs in host memory",
-            "auto": f"auto: {blocks}"}[mode]
+            "auto": f"auto: {blocks}, their inputs in host memory"}[mode]
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:

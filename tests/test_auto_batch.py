@@ -159,5 +159,5 @@ def test_auto_checkpointing_sets_the_blocks_on_the_model_and_caches(tmp_path):
     strategy = SingleDevice(Config(optim=OptimConfig(lr=1e-3)), torch.device("cpu"))
     model = OutOfMemoryWithFewCheckpoints(strategy.setup(core, lr=1e-3), needed=4)
     blocks = auto_batch.checkpointed_blocks_for_run(cfg, tmp_path, model, strategy, contextlib.nullcontext, 1)
-    assert blocks == core.checkpointed_blocks == 4 and not core.offload_checkpoints
+    assert blocks == core.checkpointed_blocks == 4 and core.offload_checkpoints
     assert json.loads((tmp_path / auto_batch.CHECKPOINTING_CACHE).read_text())["size"] == 2  # blocks left whole

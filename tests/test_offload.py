@@ -5,6 +5,9 @@ plain checkpointing; on CUDA the device memory those inputs held must be free.
 """
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -49,6 +52,24 @@ def test_offloaded_inputs_give_bit_identical_gradients(monkeypatch):
     assert copies == [torch.Size([2, 24, 64])] * 3  # each block's input, nothing else (RoPE tables stay)
     for name, grad in full.items():
         assert torch.equal(offloaded[name], grad), name
+
+
+def test_nothing_keeps_an_offloaded_input_alive_on_its_device(monkeypatch):
+    """After the forward pass only the host copies remain (the device memory is free to reuse)."""
+    model = _model()
+    model.set_activation_checkpointing("offload")
+    offloaded = []
+    original = offload._HostCopy.__init__
+
+    def remembering(self, tensor, previous, stream):
+        offloaded.append(weakref.ref(tensor))
+        original(self, tensor, previous, stream)
+
+    monkeypatch.setattr(offload._HostCopy, "__init__", remembering)
+    loss_sum, _ = model(torch.randint(0, 97, (2, 24), device=DEVICE), torch.randint(0, 97, (2, 24), device=DEVICE))
+    gc.collect()
+    assert len(offloaded) == 3 and all(ref() is None for ref in offloaded)
+    loss_sum.backward()
 
 
 def test_evaluation_offloads_nothing(monkeypatch):

@@ -15,6 +15,7 @@ and stay where they are.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator
 
 import torch
@@ -80,9 +81,12 @@ class HostOffloader:
     @contextlib.contextmanager
     def saving(self, tensor: torch.Tensor) -> Iterator[None]:
         """Inside, `tensor` goes to host memory if autograd saves it; other saved tensors stay."""
+        # Autograd keeps the pack hook as long as the graph: a strong reference here would
+        # keep the very device memory this frees.
+        target = weakref.ref(tensor)
 
         def pack(saved: torch.Tensor):
-            if saved is not tensor:
+            if saved is not target():
                 return saved
             self.last = _HostCopy(saved, self.last, self.stream)
             return self.last
