@@ -107,7 +107,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
 
     stamp = checkpoint.run_stamp(model.config, cfg)  # recorded in every checkpoint, checked on resume
     strategy = build_strategy(cfg, device)
-    model = strategy.setup(model, lr)
+    model_core, model = model, strategy.setup(model, lr)  # the core still says how many blocks recompute
     scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lr_lambda(cfg))
     sampler = GlobalBatchSampler(len(train_set), cfg.trainer.global_batch_size, cfg.trainer.seed)
     checkpoints = run_dir / "checkpoints"
@@ -130,7 +130,8 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
     plan = BatchPlan.resolve(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, topology.world_size)
 
     if strategy.is_main:
-        _print_start_table(cfg, plan, lr, topology, device, precision, strategy, train_set.describe(), len(eval_set))
+        _print_start_table(cfg, plan, lr, topology, device, precision, strategy, train_set.describe(), len(eval_set),
+                           _checkpointing_line(checkpointing, model_core))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run_eval() -> dict:
@@ -278,7 +279,8 @@ def _format_eval(result: dict) -> str:
     return ", ".join(parts) or "no eval split"
 
 
-def _print_start_table(cfg, plan, lr, topology, device, precision, strategy, train_desc, n_eval) -> None:
+def _print_start_table(cfg, plan, lr, topology, device, precision, strategy, train_desc, n_eval,
+                       checkpointing: str) -> None:
     params, trainable = strategy.parameter_counts()
     rows = [
         ("model", f"{cfg.model.name} ({params / 1e6:.2f}M params, {trainable / 1e6:.2f}M trainable)"),
@@ -287,7 +289,7 @@ def _print_start_table(cfg, plan, lr, topology, device, precision, strategy, tra
                    f"(params {str(precision.param_dtype).removeprefix('torch.')}"
                    f"{', autocast ' + str(precision.autocast_dtype).removeprefix('torch.') if precision.autocast_dtype else ''})"),
         ("world size", topology.world_size), ("micro batch", plan.micro_batch_size),
-        ("checkpointing", _checkpointing_line(cfg.trainer.activation_checkpointing, strategy.unwrapped())),
+        ("checkpointing", checkpointing),
         ("accumulation", plan.accumulation_steps), ("global batch", plan.global_batch_size),
         ("tokens per step", f"<= {plan.global_batch_size * cfg.trainer.seq_len:,} (seq_len {cfg.trainer.seq_len})"),
         ("lr", f"{lr:.3g} ({cfg.optim.schedule}, warmup {cfg.optim.warmup_steps}, scaling {cfg.optim.lr_scaling})"),
