@@ -5,13 +5,7 @@
 # Needs .peers/bench_bundle.zip and .peers/unsloth/peers.zip (bitsandbytes for QLoRA), see
 # run_gpu.sh and run_peft_gpu.sh.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/checks_out}; export OUT; mkdir -p "$OUT"
-rm -rf /tmp/site /tmp/peers
-python3 -m zipfile -e .peers/bench_bundle.zip /tmp/site
-python3 -m zipfile -e .peers/unsloth/peers.zip /tmp/peers && cp -r /tmp/peers/bitsandbytes /tmp/site/
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_CACHE_DIR=/tmp/triton_cache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
+source "$(dirname "$0")/device_env.sh" checks_out
 
 timeout 220 python3 -m pytest -q -rfEs -p no:cacheprovider -m "not slow" -k "not fsdp" \
   tests/test_offload.py tests/test_ops.py tests/test_model_kernels.py tests/test_lora.py tests/test_precision.py \

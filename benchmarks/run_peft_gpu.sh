@@ -8,20 +8,13 @@
 # Unsloth runs from the peers' own script (it needs the random 8B model on disk, made first);
 # Slipstream and HF + peft rows come from bench_train.py. Everything lands in $OUT.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/peft_out}; export OUT; mkdir -p "$OUT"
-rm -rf /tmp/site /tmp/peers
-python3 -m zipfile -e .peers/bench_bundle.zip /tmp/site
-python3 -m zipfile -e .peers/unsloth/peers.zip /tmp/peers
-cp -r /tmp/peers/bitsandbytes /tmp/site/  # Slipstream's QLoRA quantises with bitsandbytes too
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
-export TRITON_CACHE_DIR=/tmp/triton_cache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
+source "$(dirname "$0")/device_env.sh" peft_out
+export UNSLOTH_DISABLE_STATISTICS=1
 
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_offload.py 2>&1 | tail -3 | tee "$OUT/test_offload_gpu.txt"
 
 # HF + peft (5.8k tok/s, 31.4 GiB on 2026-12-07) is left out to keep the call under 10 minutes: add hf to --systems.
-PYTHONPATH=/tmp/site:$PWD timeout 270 python3 benchmarks/bench_train.py \
+timeout 270 python3 benchmarks/bench_train.py \
   --workloads 8b-lora,8b-lora-offload,8b-lora-auto24,8b-qlora,8b-qlora-offload --systems ${SYSTEMS:-slipstream} \
   --no-matmul --budget-s 260 --row-timeout 120 --out "$OUT" 2>&1 | tee "$OUT/bench_train.log"
 
