@@ -61,10 +61,14 @@ def search(mode: str, model: str, start: int, max_seq: int, deadline: float, dev
             outcome = f"stopped at --max-seq {max_seq}"
             break
         ids, labels = _make_batch(vocab, 1, seq, device)
+        pinned_before = 0
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.reset_peak_host_memory_stats()
+            # The host cache retires the last trial's pinned blocks lazily, and they count as
+            # allocated until then (on 2026-12-07 each trial's peak held all earlier ones).
+            pinned_before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
         started = time.perf_counter()
         try:
             loss = float(step([{"input_ids": ids, "labels": labels}]))
@@ -78,8 +82,8 @@ def search(mode: str, model: str, start: int, max_seq: int, deadline: float, dev
         cuda = device.type == "cuda"
         trials.append({"seq": seq, "fits": True, "step_s": last_s, "loss": loss,
                        "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
-                       **{f"pinned_host_{key}_gib": torch.cuda.host_memory_stats().get(f"{key}_bytes.peak", 0) / GIB
-                          if cuda else None for key in ("allocated", "active")}})
+                       "pinned_host_gib": (torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0)
+                                           - pinned_before) / GIB if cuda else None})
         print(f"{mode} {seq:>8,} tokens: step {last_s:6.1f}s, peak {trials[-1]['peak_alloc_gib'] or 0:.1f} GiB",
               flush=True)
         seq *= 2
@@ -88,7 +92,7 @@ def search(mode: str, model: str, start: int, max_seq: int, deadline: float, dev
     if device.type == "cuda" and len(fitting) >= 2:
         total = torch.cuda.get_device_properties(device).total_memory / GIB
         intercept, per_token = fit_line([t["seq"] for t in fitting], [t["peak_alloc_gib"] for t in fitting])
-        host_per_token = max(t["pinned_host_allocated_gib"] / t["seq"] for t in fitting)
+        host_per_token = max(t["pinned_host_gib"] / t["seq"] for t in fitting)
         host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
         row.update({
             "device_total_gib": total, "peak_gib_at_0": intercept, "device_kib_per_token": per_token * 2**20,

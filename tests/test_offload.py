@@ -72,6 +72,25 @@ def test_nothing_keeps_an_offloaded_input_alive_on_its_device(monkeypatch):
     loss_sum.backward()
 
 
+def test_host_copies_are_released_after_backward(monkeypatch):
+    """Nothing of a step outlives its backward pass (by reference counting alone: no cycle waits for a GC)."""
+    model = _model()
+    model.set_activation_checkpointing("offload")
+    copies = []
+    original = offload._HostCopy.__init__
+
+    def remembering(self, tensor, previous, stream):
+        copies.append(weakref.ref(self))
+        original(self, tensor, previous, stream)
+
+    monkeypatch.setattr(offload._HostCopy, "__init__", remembering)
+    for _ in range(2):
+        loss_sum, _ = model(torch.randint(0, 97, (2, 24), device=DEVICE), torch.randint(0, 97, (2, 24), device=DEVICE))
+        loss_sum.backward()
+        del loss_sum
+    assert len(copies) == 6 and all(ref() is None for ref in copies)
+
+
 def test_evaluation_offloads_nothing(monkeypatch):
     model = _model()
     model.set_activation_checkpointing("offload")
