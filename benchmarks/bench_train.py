@@ -238,10 +238,10 @@ def build_slipstream(spec: Workload, device, kernels: str):
     n_params = sum(p.numel() for p in model.parameters())
     if spec.mode != "full":  # peft's LoraConfig(r=16, lora_alpha=16, lora_dropout=0) on the seven projections
         from launcher.config import PeftConfig
-        from launcher.model_factory import add_adapters
+        from launcher.model_factory import add_adapters, resolved_peft
 
-        model = add_adapters(model, PeftConfig(method=spec.mode, r=16, lora_alpha=16, lora_dropout=0.0,
-                                               target_modules="all-linear"))
+        model = add_adapters(model, resolved_peft(PeftConfig(method=spec.mode, r=16, lora_alpha=16, lora_dropout=0.0,
+                                                             target_modules="all-linear"), precision))
     model.set_activation_checkpointing("offload" if spec.checkpointing == "auto" else spec.checkpointing)
     cfg = Config(optim=OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY, betas=list(BETAS), eps=EPS),
                  trainer=TrainerConfig(micro_batch_size=spec.micro_batch, seq_len=spec.seq, precision="bf16",

@@ -11,6 +11,8 @@ hidden[i], or `ignore_index`. LoRA weights are peft's: A is [r, in], B is [out, 
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -77,10 +79,9 @@ def linear_cross_entropy(
     return loss_sum, (labels_N != ignore_index).sum()
 
 
-def dense_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A frozen base weight as a dense matrix: QLoRA's 4-bit Params4bit dequantized (to `dtype`, default
-    its compute dtype), any other weight as it is."""
-    quant_state = getattr(weight, "quant_state", None)
+def dense_weight(weight: torch.Tensor, dtype: torch.dtype | None = None, quant_state=None) -> torch.Tensor:
+    """A frozen base weight as a dense matrix: QLoRA's packed 4-bit storage dequantized with its
+    bitsandbytes `quant_state` (to `dtype`, default its compute dtype), any other weight as it is."""
     if quant_state is None:
         return weight
     import bitsandbytes.functional as bnb_functional  # only QLoRA models hold quantised weights
@@ -97,17 +98,20 @@ def lora_projections(
     scaling: float,
     dropout_p: float = 0.0,
     training: bool = False,
+    quant_states: Sequence | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Projections of one input: y_i = x W_i^T + b_i + scaling * dropout(x) A_i^T B_i^T.
 
     A projection without an adapter has A_i = B_i = None. The base weights are frozen
-    (peft trains adapters only). All adapters of the group share one dropout mask,
-    as the fused op does: it reads x once for every adapter of the group.
+    (peft trains adapters only); QLoRA's are 4-bit storage with quant_states[i] (None:
+    dense). All adapters of the group share one dropout mask, as the fused op does: it
+    reads x once for every adapter of the group.
     """
     dropped = F.dropout(x, dropout_p, training) if dropout_p else x
     outs = []
-    for weight, bias, lora_A, lora_B in zip(weights, biases, lora_As, lora_Bs):
-        y = F.linear(x, dense_weight(weight, x.dtype), bias)
+    quant_states = quant_states or [None] * len(weights)
+    for weight, bias, lora_A, lora_B, quant_state in zip(weights, biases, lora_As, lora_Bs, quant_states):
+        y = F.linear(x, dense_weight(weight, x.dtype, quant_state), bias)
         if lora_A is not None:
             y = y + scaling * F.linear(F.linear(dropped, lora_A), lora_B)
         outs.append(y)

@@ -127,7 +127,8 @@ def device_trial(model, strategy, autocast, seq_len: int, vocab_size: int, budge
     return fits
 
 
-def cached_search(cache: Path, key: dict, sizes: list[int], fits: Callable[[int], bool], write_cache: bool) -> int | None:
+def cached_search(cache: Path, key: dict, sizes: list[int], fits: Callable[[int], bool],
+                  write_cache: bool) -> int | None:
     """The size cached under `key`, or the largest of `sizes` that fits (cached by the main rank; None: none fits)."""
     if cache.is_file():
         cached = json.loads(cache.read_text())

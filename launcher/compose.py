@@ -89,16 +89,13 @@ def _check_strategy(config: Config) -> None:
                               f"micro_batch_size=auto has no whole share per rank; use a multiple of {world}")
         micro = 1  # the search keeps accumulation whole; this checks the rest of the plan
     if config.trainer.activation_checkpointing == "auto" and strategy.name.startswith("zero"):
-        raise ConfigError(f"trainer.activation_checkpointing=auto: its trial backward passes would stay in DeepSpeed's "
-                          f"gradient buffers; use full or offload with strategy={strategy.name}, or single, ddp or fsdp")
+        raise ConfigError(f"trainer.activation_checkpointing=auto: its trial backward passes would stay in "
+                          f"DeepSpeed's gradient buffers; use full or offload with strategy={strategy.name}, or "
+                          f"single, ddp or fsdp")
     try:
         plan = BatchPlan.resolve(global_batch, micro, world)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if config.peft.method == "qlora" and strategy.name not in ("single", "ddp"):
-        raise ConfigError(f"peft.method=qlora does not work with strategy={strategy.name} yet: FSDP2 and DeepSpeed "
-                          f"drop the 4-bit weights' quantisation state (bitsandbytes' Params4bit); use strategy=ddp "
-                          f"or single, or peft=lora")
     if strategy.name.startswith("zero") and config.optim.name != "adamw":
         raise ConfigError(f"optim={config.optim.name}: DeepSpeed ZeRO partitions and steps its own AdamW; use "
                           f"optim=adamw with strategy={strategy.name} (offload: strategy=zero3_offload), or "

@@ -82,7 +82,9 @@ class PeftConfig:
     bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: str = "bfloat16"  # float32 | bfloat16 | float16
-    bnb_4bit_quant_storage: str = "uint8"  # uint8, or the parameters' float dtype so FSDP can shard them
+    # the dtype the packed bytes are viewed as; auto: the one sharded parameters are gathered in
+    # (launcher.precision.Precision.shard_dtype), so FSDP2 shards them and checkpoints move between strategies
+    bnb_4bit_quant_storage: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of(self.method, PEFT_METHODS, "peft.method")
@@ -100,7 +102,7 @@ class PeftConfig:
         self.target_modules = targets
         _one_of(self.bnb_4bit_quant_type, ("nf4", "fp4"), "peft.bnb_4bit_quant_type")
         _one_of(self.bnb_4bit_compute_dtype, ("float32", "bfloat16", "float16"), "peft.bnb_4bit_compute_dtype")
-        _one_of(self.bnb_4bit_quant_storage, ("uint8", "float32", "bfloat16", "float16"),
+        _one_of(self.bnb_4bit_quant_storage, ("auto", "uint8", "float32", "bfloat16", "float16"),
                 "peft.bnb_4bit_quant_storage")
 
 

@@ -25,7 +25,7 @@ from launcher.flops import device_peak_flops, flops_per_token
 from launcher.guards import NonFiniteGuard
 from launcher.loggers import check_installed
 from launcher.metrics import MetricsLog, ThroughputWindow, with_perplexity
-from launcher.model_factory import build_model
+from launcher.model_factory import build_model, resolved_peft
 from launcher.precision import Precision
 from launcher.topology import Topology
 from strategies import build_strategy, checkpoint
@@ -100,6 +100,7 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
     train_set, eval_set = load_splits(cfg.data, tokenizer, cfg.trainer.seq_len, cfg.trainer.seed)
+    cfg.peft = resolved_peft(cfg.peft, precision)  # before the stamp: checkpoints record the 4-bit storage dtype
     model = build_model(cfg.model, len(tokenizer), device, precision.param_dtype, cfg.trainer.seed, cfg.peft)
     checkpointing = cfg.trainer.activation_checkpointing
     model.set_activation_checkpointing("offload" if checkpointing == "auto" else checkpointing)  # auto: searched below

@@ -9,6 +9,7 @@ from kernels.dispatch import resolve_ops
 from kernels.models import DecoderConfig, DecoderLM, load_config, load_pretrained
 from kernels.models.lora import LoraSpec, QuantSpec, apply_lora, quantize_base_4bit
 from launcher.config import Config, ModelConfig, PeftConfig
+from launcher.precision import Precision
 
 # ModelConfig fields that are not architecture.
 _NOT_ARCHITECTURE = {"name", "path", "tokenizer", "kernels"}
@@ -34,12 +35,20 @@ def build_model(cfg: ModelConfig, tokenizer_vocab_size: int, device: torch.devic
     return add_adapters(model, peft) if peft is not None and peft.method != "none" else model
 
 
+def resolved_peft(peft: PeftConfig, precision: Precision) -> PeftConfig:
+    """peft with bnb_4bit_quant_storage=auto made concrete: the dtype sharded parameters are gathered in."""
+    if peft.method != "qlora" or peft.bnb_4bit_quant_storage != "auto":
+        return peft
+    return dataclasses.replace(peft, bnb_4bit_quant_storage=str(precision.shard_dtype).removeprefix("torch."))
+
+
 def add_adapters(model: DecoderLM, peft: PeftConfig) -> DecoderLM:
     """peft=lora: frozen base + LoRA adapters; peft=qlora: the same over a 4-bit base."""
     apply_lora(model, LoraSpec(r=peft.r, lora_alpha=peft.lora_alpha, lora_dropout=peft.lora_dropout,
                                target_modules=tuple(peft.target_modules), use_rslora=peft.use_rslora,
                                init_lora_weights=peft.init_lora_weights))
     if peft.method == "qlora":
+        assert peft.bnb_4bit_quant_storage != "auto", "resolved_peft() makes the storage dtype concrete first"
         quantize_base_4bit(model, QuantSpec(peft.bnb_4bit_quant_type, peft.bnb_4bit_use_double_quant,
                                             getattr(torch, peft.bnb_4bit_compute_dtype),
                                             getattr(torch, peft.bnb_4bit_quant_storage)))

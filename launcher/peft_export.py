@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from kernels.models.decoder import DecoderLM
 from kernels.models.hf_io import _replace_dir
-from kernels.models.lora import lora_layers
+from kernels.models.lora import lora_layers, quant_states
 from kernels.reference import dense_weight
 from strategies.distributed import plain_core
 
@@ -63,7 +63,8 @@ def save_adapter(model: DecoderLM, path: str | os.PathLike, base_model_name_or_p
 def merged(model: DecoderLM) -> DecoderLM:
     """A plain DecoderLM (CPU, no adapters) computing what `model` computes; `model` is left as it is."""
     dtype = model.model.embed_tokens.weight.dtype
-    state = {name: dense_weight(param).to("cpu", dtype, copy=True)
+    quantized = quant_states(model)
+    state = {name: dense_weight(param, quant_state=quantized.get(name)).to("cpu", dtype, copy=True)
              for name, param in model.named_parameters() if ".lora_" not in name}
     for name, layer in lora_layers(model).items():
         state[f"{name}.weight"] = layer.merged_weight().to("cpu", dtype)

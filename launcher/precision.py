@@ -36,6 +36,12 @@ class Precision:
         return cls(torch.float32, None, device.type)
 
     @property
+    def shard_dtype(self) -> torch.dtype:
+        """The dtype sharded parameters are gathered in: bf16 under bf16 and bf16 autocast (FSDP2's
+        MixedPrecisionPolicy), else the parameters' own."""
+        return torch.bfloat16 if torch.bfloat16 in (self.param_dtype, self.autocast_dtype) else self.param_dtype
+
+    @property
     def scales_loss(self) -> bool:
         """fp16 compute: gradients need dynamic loss scaling."""
         return self.autocast_dtype == torch.float16

@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from kernels.models.lora import quant_states
 from launcher.config import Config
 from launcher.guards import step_if_finite
 from launcher.precision import Precision
@@ -108,10 +109,11 @@ class Strategy:
 
     def parameter_counts(self) -> tuple[int, int]:
         """(all parameters, trainable parameters) of the whole model, however it is sharded or quantised."""
-        params = list(self.unwrapped().parameters())
+        model = self.unwrapped()
         # a 4-bit weight (QLoRA) packs two values per byte; its quant_state knows the real shape
-        count = lambda p: p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
-        return sum(map(count, params)), sum(count(p) for p in params if p.requires_grad)
+        real_numel = {name: state.shape.numel() for name, state in quant_states(model).items()}
+        params = [(real_numel.get(name, p.numel()), p.requires_grad) for name, p in model.named_parameters()]
+        return sum(n for n, _ in params), sum(n for n, trainable in params if trainable)
 
     def save_checkpoint(self, root, step: int, scheduler, trainer_state: dict, keep_last: int):
         """Write checkpoint `step` under `root` atomically; returns its committed path, or with

@@ -73,7 +73,10 @@ def run_stamp(model_config, cfg) -> dict:
     """What every checkpoint of this run records: its identity (checked on resume) and the config hash."""
     architecture = {k: v for k, v in dataclasses.asdict(model_config).items() if k not in _NOT_IDENTITY}
     config_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
-    peft = dataclasses.asdict(cfg.peft) if cfg.peft.method != "none" else {"method": "none"}  # unused keys: no say
+    peft = {"method": "none"}
+    if cfg.peft.method != "none":  # keys the method does not use have no say
+        peft = {k: v for k, v in dataclasses.asdict(cfg.peft).items()
+                if cfg.peft.method == "qlora" or not k.startswith("bnb_4bit_")}
     return {"identity": {"model": architecture, "peft": peft},
             "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()}
 

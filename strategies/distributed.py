@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.models.lora import apply_lora
+from kernels.reference import dense_weight
 from launcher.config import Config
 from strategies.base import Strategy
 
@@ -88,9 +89,17 @@ def core_spec(model: torch.nn.Module) -> tuple:
     return type(model), model.config, model.ops, getattr(model, "lora_spec", None)
 
 
-def plain_core(spec: tuple, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A fresh, unwrapped model core (`core_spec`) holding the full tensors of `state` (on CPU)."""
+def plain_core(spec: tuple, state: dict[str, torch.Tensor], quant_states: dict | None = None) -> torch.nn.Module:
+    """A fresh, unwrapped model core (`core_spec`) holding the full tensors of `state` (on CPU).
+
+    QLoRA's 4-bit storage in `state` (the names in `quant_states`) is dequantised: the core
+    is a LoRA core over dense weights, which export merges and writes like any other.
+    """
     cls, config, ops, lora_spec = spec
+    dense_dtype = state["model.embed_tokens.weight"].dtype
+    for name, quant_state in (quant_states or {}).items():
+        storage = state[name].to(quant_state.absmax.device)
+        state[name] = dense_weight(storage, quant_state=quant_state).to("cpu", dense_dtype)
     with torch.device("meta"):
         core = cls(config, ops)
         if lora_spec is not None:

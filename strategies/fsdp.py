@@ -28,6 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from kernels.models.lora import quant_states
 from launcher.precision import Precision
 from strategies.distributed import DataParallelStrategy, core_spec, plain_core
 from strategies.optimizers import build_optimizer
@@ -53,18 +54,18 @@ class FSDPStrategy(DataParallelStrategy):
         else:
             self.mesh = init_device_mesh(device.type, (self.world_size,), mesh_dim_names=("shard",))
 
-    def _mixed_precision(self) -> MixedPrecisionPolicy:
-
-        precision = Precision.resolve(self.cfg.trainer.precision, self.device)
-        if torch.bfloat16 in (precision.param_dtype, precision.autocast_dtype):
+    def _mixed_precision(self, precision: Precision) -> MixedPrecisionPolicy:
+        if precision.shard_dtype == torch.bfloat16:
             return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         return MixedPrecisionPolicy()
 
     def setup(self, model: nn.Module, lr: float) -> nn.Module:
+        precision = Precision.resolve(self.cfg.trainer.precision, self.device)
+        _check_4bit_storage(model, precision.shard_dtype)
         model = model.to(self.device)
         self._core = core_spec(model)
         shard = dict(mesh=self.mesh, reshard_after_forward=self.cfg.strategy.reshard_after_forward,
-                     mp_policy=self._mixed_precision())
+                     mp_policy=self._mixed_precision(precision))
         for block in model.model.layers:
             fully_shard(block, **shard)
         fully_shard(model, **shard)
@@ -106,4 +107,14 @@ class FSDPStrategy(DataParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return plain_core(self._core, state) if self.is_main else None
+        return plain_core(self._core, state, quant_states(self.model)) if self.is_main else None
+
+
+def _check_4bit_storage(model: nn.Module, shard_dtype: torch.dtype) -> None:
+    """FSDP2 casts what it gathers to shard_dtype: 4-bit storage of another dtype would be scrambled."""
+    params = dict(model.named_parameters())
+    for name in quant_states(model):
+        if params[name].dtype != shard_dtype:
+            raise ValueError(f"peft.bnb_4bit_quant_storage={str(params[name].dtype).removeprefix('torch.')}: FSDP2 "
+                             f"gathers parameters in {str(shard_dtype).removeprefix('torch.')} here and would cast "
+                             f"the packed 4-bit bytes; set peft.bnb_4bit_quant_storage=auto")

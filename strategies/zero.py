@@ -46,6 +46,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from kernels.models.lora import quant_states
 from launcher.batching import BatchPlan
 from launcher.config import Config
 from launcher.precision import Precision
@@ -56,6 +57,18 @@ from strategies.distributed import DataParallelStrategy, core_spec, plain_core
 log = logging.getLogger(__name__)
 
 _DS_TAG = checkpoint.DEEPSPEED_DIR  # the engine's checkpoint lives in step-N/deepspeed/
+
+
+def _check_4bit_storage(model: nn.Module, half: torch.dtype | None) -> None:
+    """DeepSpeed's bf16/fp16 modes cast every floating parameter: QLoRA's packed bytes must already be that dtype."""
+    params = dict(model.named_parameters())
+    for name in quant_states(model):
+        dtype = params[name].dtype
+        if half is not None and dtype.is_floating_point and dtype != half:
+            raise ValueError(f"peft.bnb_4bit_quant_storage={str(dtype).removeprefix('torch.')}: DeepSpeed casts "
+                             f"floating parameters to {str(half).removeprefix('torch.')} here and would scramble the "
+                             f"packed 4-bit bytes; set peft.bnb_4bit_quant_storage={str(half).removeprefix('torch.')} "
+                             f"or uint8")
 
 
 def half_dtype(cfg: Config, device_type: str) -> torch.dtype | None:
@@ -227,8 +240,9 @@ class ZeROStrategy(DataParallelStrategy):
     def setup(self, model: nn.Module, lr: float) -> nn.Module:
         trainer = self.cfg.trainer
         plan = BatchPlan.resolve(trainer.global_batch_size, trainer.micro_batch_size, self.world_size)
-        self.ds_config = deepspeed_config(self.cfg, plan, lr, half_dtype(self.cfg, self.device.type),
-                                          self.device.type)
+        half = half_dtype(self.cfg, self.device.type)
+        _check_4bit_storage(model, half)
+        self.ds_config = deepspeed_config(self.cfg, plan, lr, half, self.device.type)
         self._core = core_spec(model)
         self.core = model.to(self.device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -282,7 +296,7 @@ class ZeROStrategy(DataParallelStrategy):
             with self.deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if self.is_main:
                     state[name] = param.detach().to("cpu", copy=True)
-        return plain_core(self._core, state) if self.is_main else None
+        return plain_core(self._core, state, quant_states(self.core)) if self.is_main else None
 
     def save_checkpoint(self, root: Path, step: int, scheduler, trainer_state: dict, keep_last: int) -> Path:
         """DeepSpeed's own (per-rank ZeRO partition) checkpoint, committed like every other."""

@@ -249,12 +249,31 @@ def test_bad_lora_config_names_the_key():
                                 (["peft=lora", "peft.r=0"], "peft.r: must be > 0"),
                                 (["peft=lora", "peft.init_lora_weights=pissa"], "peft.init_lora_weights"),
                                 (["peft=lora", "peft.lora_dropout=1.0"], "peft.lora_dropout"),
-                                (["peft=qlora", "strategy=fsdp", "cluster.nproc_per_node=2"],
-                                 "peft.method=qlora does not work with strategy=fsdp"),
-                                (["peft=qlora", "strategy=zero3", "cluster.nproc_per_node=2"],
-                                 "peft.method=qlora does not work with strategy=zero3")):
+                                (["peft=qlora", "peft.bnb_4bit_quant_storage=int4"], "peft.bnb_4bit_quant_storage")):
         with pytest.raises(ConfigError, match=expected):
             validate(overrides, multirun=False)
+    for strategy in ("fsdp", "hsdp", "zero2", "zero3"):  # QLoRA under every strategy
+        validate(["peft=qlora", f"strategy={strategy}", "cluster.nproc_per_node=2"], multirun=False)
+
+
+def test_a_4bit_storage_the_strategy_would_cast_is_refused_by_name():
+    """FSDP2 and DeepSpeed cast floating parameters; packed 4-bit bytes of another float dtype would be scrambled."""
+    if not _bitsandbytes_4bit_works():
+        pytest.skip(f"bitsandbytes 4-bit does not run on {DEVICE} here")
+    from strategies.fsdp import _check_4bit_storage as check_fsdp
+    from strategies.zero import _check_4bit_storage as check_zero
+
+    model = DecoderLM(DecoderConfig(**TINY))
+    apply_lora(model, LoraSpec(r=4))
+    quantize_base_4bit(model, QuantSpec(compute_dtype=torch.float32, quant_storage=torch.float32))
+    check_fsdp(model, torch.float32)
+    check_zero(model, None)
+    with pytest.raises(ValueError, match=r"peft.bnb_4bit_quant_storage=float32: FSDP2 gathers parameters in bfloat16"):
+        check_fsdp(model, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"peft.bnb_4bit_quant_storage=float32: DeepSpeed casts .* to float16"):
+        check_zero(model, torch.float16)
+    packed_bytes = quantize_base_4bit(apply_lora(DecoderLM(DecoderConfig(**TINY)), LoraSpec(r=4)), QuantSpec())
+    check_zero(packed_bytes, torch.float16)  # uint8 is not a floating dtype: DeepSpeed leaves it alone
 
 
 # ------------------------------------------------------------------------------- export
@@ -374,13 +393,13 @@ def _qlora_model(compute_dtype: str, seed=0) -> DecoderLM:
     torch.manual_seed(seed)
     model = DecoderLM(DecoderConfig(**{**TINY, "hidden_size": 64, "intermediate_size": 128})).to(DEVICE)
     return add_adapters(model, PeftConfig(method="qlora", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                          bnb_4bit_compute_dtype=compute_dtype))
+                                          bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage="uint8"))
 
 
 def _qlora_trains(model: DecoderLM, autocast_dtype: torch.dtype | None, merged_tolerance: float) -> None:
     from launcher.peft_export import merged
 
-    assert model.model.layers[0].self_attn.q_proj.weight.quant_state is not None  # adapted and 4-bit
+    assert model.model.layers[0].self_attn.q_proj.quant_state is not None  # adapted and 4-bit
     assert type(model.model.layers[0].self_attn.k_proj).__name__ == "Linear4bit"  # not adapted, 4-bit
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(trainable) == 2 * 2 * 2  # A and B of q and v in 2 layers
@@ -453,8 +472,8 @@ def lora_worker(spec: dict) -> dict:
     model = DecoderLM(DecoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD))
     apply_lora(model, LoraSpec(r=4, lora_alpha=8))
-    if spec.get("qlora"):
-        quantize_base_4bit(model, QuantSpec(compute_dtype=torch.float32))
+    if spec.get("qlora"):  # stored as FSDP gathers fp32 parameters (peft.bnb_4bit_quant_storage=auto)
+        quantize_base_4bit(model, QuantSpec(compute_dtype=torch.float32, quant_storage=torch.float32))
     model = strategy.setup(model, lr=cfg.optim.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lr_lambda(cfg))
     examples = make_examples()
@@ -474,9 +493,23 @@ def lora_worker(spec: dict) -> dict:
               "optimized": sum(p.numel() for g in strategy.optimizer.param_groups for p in g["params"])}
     with torch.no_grad():
         result["logits"] = view.logits(torch.tensor([examples[0].input_ids]))[0, -1].clone()
+    from torch.distributed.tensor import DTensor
+
+    from kernels.models.lora import quant_states
+    from launcher.peft_export import merged
+
     core = strategy.export_module()
-    if strategy.is_main:
-        result["state"] = {k: v.detach().float().cpu().clone() for k, v in core.state_dict().items()}
+    if strategy.is_main:  # QLoRA: dense (dequantised) weights, whatever storage the strategy's export returns
+        dense = merged(core).state_dict() if spec.get("qlora") else core.state_dict()
+        result["state"] = {k: v.detach().float().cpu().clone() for k, v in dense.items()}
+        adapters = {k: v for k, v in core.state_dict().items() if ".lora_" in k}
+        result["adapter_numel"] = sum(v.numel() for v in adapters.values())
+        result["lora_B_abs_sum"] = float(sum(v.abs().sum() for k, v in adapters.items() if ".lora_B." in k))
+    if spec.get("qlora") and spec["strategy"]["name"] == "fsdp":  # how much of the 4-bit storage this rank holds
+        params = dict(view.named_parameters())
+        storages = [params[name] for name in quant_states(view)]
+        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in storages)
+        result["local_4bit_share"] = local / sum(p.numel() for p in storages)
     return result
 
 
@@ -497,6 +530,9 @@ STRATEGY_CASES = [  # (strategy, QLoRA base)
     pytest.param({"name": "zero2", "zero_stage": 2}, False, id="zero2", marks=pytest.mark.slow),
     pytest.param({"name": "zero3", "zero_stage": 3}, False, id="zero3", marks=pytest.mark.slow),
     pytest.param({"name": "ddp"}, True, id="ddp-qlora", marks=pytest.mark.slow),
+    pytest.param({"name": "fsdp"}, True, id="fsdp-qlora"),  # the 4-bit storage sharded like any parameter
+    pytest.param({"name": "zero2", "zero_stage": 2}, True, id="zero2-qlora", marks=pytest.mark.slow),
+    pytest.param({"name": "zero3", "zero_stage": 3}, True, id="zero3-qlora"),
 ]
 
 
@@ -522,9 +558,10 @@ def test_lora_under_a_data_parallel_strategy_follows_one_process(strategy, qlora
     assert result["state"].keys() == lora_reference["state"].keys()
     for name, tensor in result["state"].items():  # DeepSpeed's flat buffers round differently: atol 5e-5
         torch.testing.assert_close(tensor, lora_reference["state"][name], rtol=1e-5, atol=5e-5, msg=name)
-    assert lora_reference["optimized"] == sum(  # the optimizer holds the adapters only
-        v.numel() for k, v in lora_reference["state"].items() if ".lora_" in k)
-    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in result["state"].items())
+    assert lora_reference["optimized"] == lora_reference["adapter_numel"]  # the optimizer holds the adapters only
+    assert result["adapter_numel"] == lora_reference["adapter_numel"] and result["lora_B_abs_sum"] > 0
+    if qlora and strategy["name"] == "fsdp":  # each of the 2 ranks holds half of the 4-bit storage
+        assert result["local_4bit_share"] == pytest.approx(0.5, abs=0.01)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Linear(spec.r, base.out_features, bias=False, **factory)
         self.scaling = spec.scaling
         self.lora_dropout = spec.lora_dropout
+        self.quant_state = None  # QLoRA: bitsandbytes' QuantState of the 4-bit `weight` (quantize_base_4bit)
         self.reset_lora_parameters(spec.init_lora_weights)
 
     @torch.no_grad()
@@ -81,7 +82,7 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """W + scaling * B A: the dense weight that computes what base and adapter compute together."""
-        base = dense_weight(self.weight)
+        base = dense_weight(self.weight, quant_state=self.quant_state)
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
         return (base.float() + self.scaling * delta).to(base.dtype)
 
@@ -118,6 +119,7 @@ def project(x: torch.Tensor, layers: Sequence[nn.Linear], ops: Ops) -> tuple[tor
         first.scaling,
         first.lora_dropout,
         first.training,
+        [getattr(layer, "quant_state", None) for layer in layers],
     )
 
 
@@ -128,7 +130,11 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """transformers' BitsAndBytesConfig 4-bit fields (QLoRA's frozen base)."""
+    """transformers' BitsAndBytesConfig 4-bit fields (QLoRA's frozen base).
+
+    quant_storage is the dtype the packed bytes are viewed as; FSDP2 can shard the storage
+    like any parameter when it is the dtype FSDP gathers parameters in (strategies.fsdp).
+    """
 
     quant_type: str = "nf4"
     double_quant: bool = True
@@ -136,13 +142,33 @@ class QuantSpec:
     quant_storage: torch.dtype = torch.uint8
 
 
-def quantize_base_4bit(model: nn.Module, quant: QuantSpec) -> nn.Module:
-    """Stores the frozen weights of every block's linear layers in 4 bits (bitsandbytes Params4bit).
+class Linear4bit(nn.Module):
+    """A frozen linear layer over 4-bit storage that QLoRA left without an adapter."""
 
-    Adapted layers keep their LoRALinear and get a Params4bit weight, which the LoRA op
-    dequantises per use (reference.dense_weight); the other linear layers become
-    bitsandbytes' Linear4bit. Embeddings and the LM head stay dense, as in QLoRA.
-    Quantisation happens where the weights are: call it after moving the model to its device.
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, quant_state):
+        super().__init__()
+        self.weight, self.bias, self.quant_state = weight, bias, quant_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, dense_weight(self.weight, x.dtype, self.quant_state), self.bias)
+
+
+def quant_states(model: nn.Module) -> dict:
+    """{parameter name: bitsandbytes QuantState} of every 4-bit weight (empty without QLoRA)."""
+    return {f"{name}.weight": module.quant_state for name, module in model.named_modules()
+            if getattr(module, "quant_state", None) is not None}
+
+
+def quantize_base_4bit(model: nn.Module, quant: QuantSpec) -> nn.Module:
+    """Stores the frozen weights of every block's linear layers in 4 bits (bitsandbytes NF4/FP4).
+
+    Each weight becomes a plain frozen Parameter holding the packed bytes (viewed as
+    quant.quant_storage), and its QuantState (absmax, shape, dtype) lives on the module
+    (`quant_state`), not on the tensor: a strategy that re-wraps parameters (FSDP2's
+    DTensors) keeps it. Adapted layers keep their LoRALinear, whose op dequantises per
+    use (reference.dense_weight); the others become `Linear4bit`. Embeddings and the LM
+    head stay dense, as in QLoRA. Quantisation happens where the weights are: call it
+    after moving the model to its device.
     """
     try:
         import bitsandbytes as bnb
@@ -158,14 +184,9 @@ def quantize_base_4bit(model: nn.Module, quant: QuantSpec) -> nn.Module:
                                        quant_type=quant.quant_type, compress_statistics=quant.double_quant,
                                        quant_storage=quant.quant_storage)
             weight = weight.to(child.weight.device)  # quantises
+            storage = nn.Parameter(weight.data, requires_grad=False)
             if isinstance(child, LoRALinear):
-                child.weight = weight
-                continue
-            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=quant.compute_dtype, compress_statistics=quant.double_quant,
-                                      quant_type=quant.quant_type, quant_storage=quant.quant_storage,
-                                      device=child.weight.device)
-            layer.weight = weight
-            layer.bias = child.bias
-            setattr(parent, name, layer)
+                child.weight, child.quant_state = storage, weight.quant_state
+            else:
+                setattr(parent, name, Linear4bit(storage, child.bias, weight.quant_state))
     return model

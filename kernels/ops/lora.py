@@ -16,6 +16,8 @@ parameters (references, no copies).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -63,7 +65,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _LoRAProjectionsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scaling, dropout_p, seed, n_proj, *params):
+    def forward(ctx, x, scaling, dropout_p, seed, quant_states, n_proj, *params):
         weights, biases, lora_As, lora_Bs = (params[i * n_proj:(i + 1) * n_proj] for i in range(4))
         dtype = _compute_dtype(x)
         cast = lambda t: None if t is None else t.to(dtype)
@@ -78,7 +80,7 @@ class _LoRAProjectionsFn(torch.autograd.Function):
             u_parts = dict(zip(adapted, u.split(ranks, dim=1)))
             outs = []
             for i in range(n_proj):
-                w, b = dense_weight(weights[i], dtype).to(dtype), cast(biases[i])
+                w, b = dense_weight(weights[i], dtype, quant_states[i]).to(dtype), cast(biases[i])
                 if i in u_parts:  # the adapter's term first; the base GEMM accumulates onto it
                     lora_B = cast(lora_Bs[i]).t()
                     y = u_parts[i] @ lora_B if b is None else torch.addmm(b, u_parts[i], lora_B)
@@ -87,12 +89,12 @@ class _LoRAProjectionsFn(torch.autograd.Function):
                     y = x2d @ w.t() if b is None else torch.addmm(b, x2d, w.t())
                 outs.append(y.view(*x.shape[:-1], -1))
         ctx.save_for_backward(x2d, u, *params)
-        ctx.config = (scaling, dropout_p, seed, n_proj, adapted, ranks, dtype, x.shape, x.dtype)
+        ctx.config = (scaling, dropout_p, seed, quant_states, n_proj, adapted, ranks, dtype, x.shape, x.dtype)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_outs):
-        scaling, dropout_p, seed, n_proj, adapted, ranks, dtype, x_shape, x_dtype = ctx.config
+        scaling, dropout_p, seed, quant_states, n_proj, adapted, ranks, dtype, x_shape, x_dtype = ctx.config
         x2d, u, *params = ctx.saved_tensors
         weights, _, lora_As, lora_Bs = (params[i * n_proj:(i + 1) * n_proj] for i in range(4))
         cast = lambda t: t.to(dtype)
@@ -117,12 +119,12 @@ class _LoRAProjectionsFn(torch.autograd.Function):
                 dx = du @ torch.cat([cast(lora_As[i]) for i in adapted])  # the adapters' share, written first
                 if dropout_p:
                     dx = dropout(dx, seed, dropout_p)
-                for g, w in zip(grads, weights):  # the frozen projections' share accumulates onto it
+                for g, w, quant_state in zip(grads, weights, quant_states):  # the frozen projections' share
                     if g is not None:
-                        dx.addmm_(g, dense_weight(w, dtype).to(dtype))
+                        dx.addmm_(g, dense_weight(w, dtype, quant_state).to(dtype))
                 dx = dx.view(x_shape).to(x_dtype)
         # no gradient for the frozen weights and biases, by contract (checked in lora_projections)
-        return (dx, None, None, None, None, *[None] * (2 * n_proj), *d_lora_A, *d_lora_B)
+        return (dx, None, None, None, None, None, *[None] * (2 * n_proj), *d_lora_A, *d_lora_B)
 
 
 def lora_projections(
@@ -134,6 +136,7 @@ def lora_projections(
     scaling: float,
     dropout_p: float = 0.0,
     training: bool = False,
+    quant_states: Sequence | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Fused twin of `reference.lora_projections` (see there); the mask differs from torch's dropout."""
     if any(t is not None and t.requires_grad for t in (*weights, *biases)):
@@ -145,4 +148,6 @@ def lora_projections(
     # The seed comes from torch's CPU generator: manual_seed makes the mask reproducible, and activation
     # checkpointing (which restores the RNG state before recomputing) draws the same one again.
     seed = int(torch.randint(0, 2**31 - 1, ())) if p else 0
-    return _LoRAProjectionsFn.apply(x, scaling, p, seed, len(weights), *weights, *biases, *lora_As, *lora_Bs)
+    quant_states = tuple(quant_states or [None] * len(weights))
+    return _LoRAProjectionsFn.apply(x, scaling, p, seed, quant_states, len(weights), *weights, *biases, *lora_As,
+                                    *lora_Bs)
