@@ -452,6 +452,27 @@ def test_lora_projections_under_bf16_autocast(case):
     _assert_no_worse_than_reference(out + grads, ref_out + ref_grads, true_out + true_grads)
 
 
+def test_qlora_through_launch_under_fsdp_resumes_under_ddp_and_exports(tmp_path):
+    """The user's path: launch shards the 4-bit base with FSDP2, checkpoints, and another strategy resumes."""
+    if not _bitsandbytes_4bit_works():
+        pytest.skip(f"bitsandbytes 4-bit does not run on {DEVICE} here")
+    from test_strategies import launch
+
+    run_dir = tmp_path / "run"
+    qlora = ["peft=qlora", "peft.bnb_4bit_compute_dtype=float32", "trainer.precision=fp32", "trainer.device=cpu",
+             "cluster.nproc_per_node=2", "data.eval_exact_match=false"]
+    first = launch(run_dir, *qlora, "strategy=fsdp")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
+    assert (run_dir / "checkpoints" / "step-00000003").is_dir()
+    resumed = launch(run_dir, *qlora, "strategy=ddp", "trainer.max_steps=5", "trainer.resume=auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # the second run went on from the fsdp checkpoint
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    ids = torch.randint(0, json.loads((run_dir / "hf" / "config.json").read_text())["vocab_size"], (1, 9))
+    assert torch.isfinite(_hf_logits(run_dir / "hf", ids)).all()  # the merged, dequantised export loads
+
+
 # ------------------------------------------------------------------------------- strategies
 
 def lora_worker(spec: dict) -> dict:
