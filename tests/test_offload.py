@@ -34,22 +34,30 @@ def _grads(model, mode, input_ids, labels):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def test_offloaded_inputs_give_bit_identical_gradients(monkeypatch):
-    model = _model()
-    input_ids = torch.randint(0, 97, (2, 24), device=DEVICE)
-    labels = torch.randint(0, 97, (2, 24), device=DEVICE)
-    copies = []
+def _watch_host_copies(monkeypatch, record) -> None:
+    """record(copy, tensor) for every host copy the offloader makes."""
     original = offload._HostCopy.__init__
 
-    def counting(self, tensor, previous, stream):
-        copies.append(tensor.shape)
+    def watched(self, tensor, previous, stream):
+        record(self, tensor)
         original(self, tensor, previous, stream)
 
-    monkeypatch.setattr(offload._HostCopy, "__init__", counting)
+    monkeypatch.setattr(offload._HostCopy, "__init__", watched)
+
+
+def _ids(*shape):
+    return torch.randint(0, 97, shape, device=DEVICE)
+
+
+def test_offloaded_inputs_give_bit_identical_gradients(monkeypatch):
+    model = _model()
+    input_ids, labels = _ids(2, 24), _ids(2, 24)
+    shapes = []
+    _watch_host_copies(monkeypatch, lambda copy, tensor: shapes.append(tensor.shape))
     full = _grads(model, "full", input_ids, labels)
-    assert copies == []
+    assert shapes == []
     offloaded = _grads(model, "offload", input_ids, labels)
-    assert copies == [torch.Size([2, 24, 64])] * 3  # each block's input, nothing else (RoPE tables stay)
+    assert shapes == [torch.Size([2, 24, 64])] * 3  # each block's input, nothing else (RoPE tables stay)
     for name, grad in full.items():
         assert torch.equal(offloaded[name], grad), name
 
@@ -58,17 +66,11 @@ def test_nothing_keeps_an_offloaded_input_alive_on_its_device(monkeypatch):
     """After the forward pass only the host copies remain (the device memory is free to reuse)."""
     model = _model()
     model.set_activation_checkpointing("offload")
-    offloaded = []
-    original = offload._HostCopy.__init__
-
-    def remembering(self, tensor, previous, stream):
-        offloaded.append(weakref.ref(tensor))
-        original(self, tensor, previous, stream)
-
-    monkeypatch.setattr(offload._HostCopy, "__init__", remembering)
-    loss_sum, _ = model(torch.randint(0, 97, (2, 24), device=DEVICE), torch.randint(0, 97, (2, 24), device=DEVICE))
+    inputs = []
+    _watch_host_copies(monkeypatch, lambda copy, tensor: inputs.append(weakref.ref(tensor)))
+    loss_sum, _ = model(_ids(2, 24), _ids(2, 24))
     gc.collect()
-    assert len(offloaded) == 3 and all(ref() is None for ref in offloaded)
+    assert len(inputs) == 3 and all(ref() is None for ref in inputs)
     loss_sum.backward()
 
 
@@ -77,15 +79,9 @@ def test_host_copies_are_released_after_backward(monkeypatch):
     model = _model()
     model.set_activation_checkpointing("offload")
     copies = []
-    original = offload._HostCopy.__init__
-
-    def remembering(self, tensor, previous, stream):
-        copies.append(weakref.ref(self))
-        original(self, tensor, previous, stream)
-
-    monkeypatch.setattr(offload._HostCopy, "__init__", remembering)
+    _watch_host_copies(monkeypatch, lambda copy, tensor: copies.append(weakref.ref(copy)))
     for _ in range(2):
-        loss_sum, _ = model(torch.randint(0, 97, (2, 24), device=DEVICE), torch.randint(0, 97, (2, 24), device=DEVICE))
+        loss_sum, _ = model(_ids(2, 24), _ids(2, 24))
         loss_sum.backward()
         del loss_sum
     assert len(copies) == 6 and all(ref() is None for ref in copies)
@@ -96,7 +92,7 @@ def test_evaluation_offloads_nothing(monkeypatch):
     model.set_activation_checkpointing("offload")
     monkeypatch.setattr(offload._HostCopy, "__init__", lambda *a: pytest.fail("copied without autograd"))
     with torch.no_grad():
-        model(torch.randint(0, 97, (1, 8), device=DEVICE), torch.randint(0, 97, (1, 8), device=DEVICE))
+        model(_ids(1, 8), _ids(1, 8))
 
 
 @pytest.mark.gpu
