@@ -41,14 +41,6 @@ BETAS = (0.9, 0.999)
 EPS = 1e-8
 GRAD_CLIP = 1.0  # the same max norm for all three systems (Slipstream's loop always clips)
 
-# Peak dense (no sparsity) bf16 tensor FLOP/s from the datasheets, matched on
-# torch.cuda.get_device_name(); the first pattern that matches wins.
-PEAK_BF16 = [
-    (r"H100.*PCIe", 756e12),
-    (r"H100|H200|GH200", 989e12),  # H100 SXM (reported as "H100 80GB HBM3"), H200, GH200
-    (r"A100", 312e12),
-]
-
 MODELS = {
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
@@ -120,12 +112,13 @@ def flop_counts(model_key: str, mode: str, seq: int, recomputed: float) -> dict:
 
 
 def peak_bf16(device_name: str, override_tflops: float | None) -> float | None:
+    """Peak dense bf16 FLOP/s: --peak-tflops, else the launcher's data-sheet table (launcher/flops.py)."""
     if override_tflops:
         return override_tflops * 1e12
-    for pattern, peak in PEAK_BF16:
-        if re.search(pattern, device_name):
-            return peak
-    return None
+    from launcher.flops import peak_tflops
+
+    tflops = peak_tflops(device_name)
+    return tflops * 1e12 if tflops else None
 
 
 # ----------------------------------------------------------------------------- children
