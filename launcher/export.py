@@ -2,6 +2,10 @@
 
 A LoRA run exports its peft adapter directory into `out` (what
 `peft.PeftModel.from_pretrained(base, out)` loads) and the merged model into `out/merged`.
+A QLoRA run's checkpoints hold the frozen base as 4-bit storage, which is of no use
+without its quantisation state: the base is rebuilt and quantised as the run did it
+(model.path, or the seeded random init; bitsandbytes runs on the CPU) and only the
+adapters come from the checkpoint; the merged model is the dequantised base plus them.
 
 One process, no process group, no GPU, whatever strategy and world size wrote the
 checkpoint: DCP checkpoints (single, ddp, fsdp, hsdp) are read with `dcp.load`, which
@@ -12,6 +16,7 @@ when the run started from a Hugging Face model). The checkpoint is verified firs
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,15 +34,15 @@ def export(run: Path, out: Path) -> Path:
     from kernels.models import save_pretrained
     from launcher import peft_export
     from launcher.data import load_tokenizer
-    from launcher.model_factory import build_meta_model
+    from launcher.model_factory import build_meta_model, build_model
     from launcher.precision import Precision
     from strategies.distributed import core_spec, plain_core
 
     run_dir, step_dir = _locate(run)
     cfg = _run_config(run_dir)
-    if cfg.peft.method == "qlora":
-        raise ValueError(f"run={run}: a peft=qlora run; its checkpoints hold the 4-bit base: use the adapter/ and "
-                         f"hf/ (merged, de-quantised) directories the run wrote at its end")
+    if cfg.peft.method == "qlora":  # the storage dtype the run resolved (auto) is part of its identity
+        cfg.peft.bnb_4bit_quant_storage = _recorded_4bit_storage(
+            step_dir or checkpoint.find_latest(run_dir / "checkpoints"))
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
     meta_core = build_meta_model(cfg, len(tokenizer))
     identity = checkpoint.run_stamp(meta_core.config, cfg)["identity"]
@@ -49,13 +54,18 @@ def export(run: Path, out: Path) -> Path:
         found = checkpoint.problem(step_dir, identity)
         if found:
             raise ValueError(f"run={run}: {found}; pass another checkpoints/step-N directory or the run directory")
-    spec = core_spec(meta_core)
+    dtype = Precision.resolve(cfg.trainer.precision, torch.device("cpu")).param_dtype
+    wanted = [k for k in meta_core.state_dict() if cfg.peft.method != "qlora" or ".lora_" in k]
     if (step_dir / checkpoint.DEEPSPEED_DIR).is_dir():
-        state = _deepspeed_state(step_dir)
+        state = {k: v for k, v in _deepspeed_state(step_dir).items() if k in wanted}
     else:
-        dtype = Precision.resolve(cfg.trainer.precision, torch.device("cpu")).param_dtype
-        state = _dcp_state(step_dir, meta_core, dtype)
-    core = plain_core(spec, state)
+        state = _dcp_state(step_dir, meta_core, dtype, wanted)
+    if cfg.peft.method == "qlora":
+        core = build_model(cfg.model, len(tokenizer), torch.device("cpu"), dtype, cfg.trainer.seed, cfg.peft)
+        missing, unexpected = core.load_state_dict(state, strict=False)
+        assert not unexpected and all(".lora_" not in k for k in missing), (missing, unexpected)
+    else:
+        core = plain_core(core_spec(meta_core), state)
     if peft_export.has_adapters(core):
         peft_export.save_adapter(core, out, base_model_name_or_path=cfg.model.path)
         core, out = peft_export.merged(core), out / "merged"
@@ -84,13 +94,23 @@ def _run_config(run_dir: Path):
         raise ValueError(f"run={run_dir}: config.yaml does not fit this version's schema ({err})") from None
 
 
-def _dcp_state(step_dir: Path, meta_core, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's full tensors (shaped as `meta_core`'s) from a DCP checkpoint, read without a process group."""
+def _recorded_4bit_storage(step_dir: Path | None) -> str:
+    """The storage dtype a QLoRA checkpoint recorded (`auto` resolved on the run's device)."""
+    trainer_state = step_dir / checkpoint.TRAINER_STATE if step_dir else None
+    if trainer_state is None or not trainer_state.is_file():
+        return "auto"  # nothing recorded: the identity check that follows says what is wrong
+    identity = json.loads(trainer_state.read_text()).get("identity") or {}
+    return identity.get("peft", {}).get("bnb_4bit_quant_storage", "auto")
+
+
+def _dcp_state(step_dir: Path, meta_core, dtype: torch.dtype, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The model's full tensors named `keys` (shaped as `meta_core`'s) from a DCP checkpoint, without a process
+    group."""
     import torch.distributed.checkpoint as dcp
 
-    shapes = meta_core.state_dict()
+    shapes = {k: v for k, v in meta_core.state_dict().items() if k in keys}
     if meta_core.config.tie_word_embeddings:
-        del shapes["lm_head.weight"]  # the embedding, tied again on load
+        shapes.pop("lm_head.weight", None)  # the embedding, tied again on load
     state = {"model": {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
                        for k, v in shapes.items()}}
     dcp.load(state, checkpoint_id=str(step_dir))

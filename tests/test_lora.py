@@ -472,6 +472,16 @@ def test_qlora_through_launch_under_fsdp_resumes_under_ddp_and_exports(tmp_path)
     ids = torch.randint(0, json.loads((run_dir / "hf" / "config.json").read_text())["vocab_size"], (1, 9))
     assert torch.isfinite(_hf_logits(run_dir / "hf", ids)).all()  # the merged, dequantised export loads
 
+    from safetensors.torch import load_file
+
+    from launcher.export import export  # `launch export` of the last checkpoint: the run's own export, again
+
+    merged_dir = export(run_dir, tmp_path / "exported")
+    assert merged_dir == tmp_path / "exported" / "merged"
+    torch.testing.assert_close(_hf_logits(merged_dir, ids), _hf_logits(run_dir / "hf", ids), rtol=0, atol=0)
+    exported, own = (load_file(d / "adapter_model.safetensors") for d in (tmp_path / "exported", run_dir / "adapter"))
+    assert exported.keys() == own.keys() and all(torch.equal(exported[k], own[k]) for k in own)
+
 
 # ------------------------------------------------------------------------------- strategies
 
