@@ -225,6 +225,9 @@ class TrainerConfig:
     eval_every: int = 0  # 0: evaluate once, at the end
     save_every: int = 0  # 0: save once, at the end
     keep_last: int = 2
+    # resume: checksum every file of the chosen checkpoint (false: marker, manifest, sizes and
+    # identity only; hashing reads every byte, minutes for a large optimizer state)
+    verify_checkpoints: bool = True
     async_checkpoint: bool = False  # DCP strategies: write shards in the background (dcp.async_save), commit later
     resume: str = "auto"  # auto | never | PATH of a checkpoint
     export_hf: bool = True  # write a Hugging Face directory at the end

@@ -115,7 +115,8 @@ def train(cfg: Config, run_dir: Path, topology: Topology | None = None) -> dict:
 
     state = {"tokens": 0, "samples": 0}
     start_step = 0
-    resume_from = checkpoint.select_resume(cfg.trainer.resume, checkpoints, stamp["identity"], strategy)
+    resume_from = checkpoint.select_resume(cfg.trainer.resume, checkpoints, stamp["identity"], strategy,
+                                           cfg.trainer.verify_checkpoints)
     if resume_from:
         state = strategy.load_checkpoint(resume_from, scheduler)
         start_step = state.pop("step")

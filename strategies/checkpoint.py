@@ -265,14 +265,15 @@ def find_latest(root: Path) -> Path | None:
     return committed[-1] if committed else None
 
 
-def problem(path: Path, identity: dict, group=OneProcess()) -> str | None:
+def problem(path: Path, identity: dict, group=OneProcess(), checksums: bool = True) -> str | None:
     """What keeps checkpoint `path` from being resumed by this run, or None; the same answer on every rank.
 
     Marker, manifest, file sizes and identity are checked by every rank (metadata
-    only); the checksums are split over the ranks and the findings all-reduced.
+    only); the checksums (unless `checksums` is off: they read every byte) are split
+    over the ranks and the findings all-reduced.
     """
     found = _metadata_problem(path, identity)
-    if found:
+    if found or not checksums:
         return found
     files = sorted(json.loads((path / MANIFEST).read_text())["files"].items())
     # slot r: 1 + the index of the first file rank r found corrupted (0: none)
@@ -316,7 +317,8 @@ def _identity_difference(saved: dict | None, ours: dict) -> str | None:
     return f"written for another model ({'; '.join(diffs)})" if diffs else None
 
 
-def select_resume(resume: str, root: Path, identity: dict, group=OneProcess()) -> Path | None:
+def select_resume(resume: str, root: Path, identity: dict, group=OneProcess(),
+                  checksums: bool = True) -> Path | None:
     """The checkpoint `trainer.resume` names, verified (a collective: every rank calls it).
 
     auto: the newest checkpoint under `root` that passes `problem`; each one skipped is
@@ -326,14 +328,14 @@ def select_resume(resume: str, root: Path, identity: dict, group=OneProcess()) -
         return None
     if resume == "auto":
         for candidate in sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []:
-            found = problem(candidate, identity, group)
+            found = problem(candidate, identity, group, checksums)
             if found is None:
                 return candidate
             if group.rank == 0:
                 log.warning("skipping checkpoint %s: %s", candidate, found)
         return None
     path = Path(resume)
-    found = problem(path, identity, group) if path.is_dir() else "no such directory"
+    found = problem(path, identity, group, checksums) if path.is_dir() else "no such directory"
     if found:
         raise ValueError(f"trainer.resume={resume}: {found}; use auto, never or another committed "
                          f"checkpoints/step-N directory")

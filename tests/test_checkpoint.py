@@ -100,6 +100,16 @@ DAMAGES = {  # what is done to the newest checkpoint, and the problem reported
 }
 
 
+def test_without_checksums_only_a_flipped_byte_goes_unseen(copy_of):
+    """trainer.verify_checkpoints=false: metadata, sizes and identity are still checked; the bytes are not."""
+    newest = step_dir(copy_of, 2)
+    _flip_byte(newest / "__0_0.distcp")
+    assert checkpoint.select_resume("auto", copy_of / "checkpoints", identity(copy_of), checksums=False) == newest
+    os.truncate(newest / "__0_0.distcp", 1000)
+    assert checkpoint.select_resume("auto", copy_of / "checkpoints", identity(copy_of),
+                                    checksums=False) == step_dir(copy_of, 1)
+
+
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_damaged_checkpoint_is_skipped_by_auto_and_refused_by_path(damage, copy_of, caplog):
     damage_fn, problem = DAMAGES[damage]
