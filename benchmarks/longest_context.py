@@ -25,6 +25,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -34,14 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_train import MODELS, REPO, Workload, _make_batch, build_slipstream  # noqa: E402
 
 GIB = 2**30
-
-
-def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares (intercept, slope)."""
-    n = len(xs)
-    mean_x, mean_y = sum(xs) / n, sum(ys) / n
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    return mean_y - slope * mean_x, slope
 
 
 def search(mode: str, model: str, start: int, max_seq: int, deadline: float, device) -> dict:
@@ -91,7 +84,8 @@ def search(mode: str, model: str, start: int, max_seq: int, deadline: float, dev
     row = {"trials": trials, "outcome": outcome, "longest_fitting_seq": fitting[-1]["seq"] if fitting else None}
     if device.type == "cuda" and len(fitting) >= 2:
         total = torch.cuda.get_device_properties(device).total_memory / GIB
-        intercept, per_token = fit_line([t["seq"] for t in fitting], [t["peak_alloc_gib"] for t in fitting])
+        per_token, intercept = statistics.linear_regression([t["seq"] for t in fitting],
+                                                            [t["peak_alloc_gib"] for t in fitting])
         host_per_token = max(t["pinned_host_gib"] / t["seq"] for t in fitting)
         host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
         row.update({

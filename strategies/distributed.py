@@ -11,7 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from kernels.models.lora import apply_lora
+from kernels.models.lora import apply_lora, quant_states
 from kernels.reference import dense_weight
 from launcher.config import Config
 from strategies.base import Strategy
@@ -87,6 +87,31 @@ class DataParallelStrategy(Strategy):
 def core_spec(model: torch.nn.Module) -> tuple:
     """What `plain_core` needs to rebuild `model`: class, config, ops and its LoRA spec (None without adapters)."""
     return type(model), model.config, model.ops, getattr(model, "lora_spec", None)
+
+
+def refuse_4bit_storage_cast(model: torch.nn.Module, cast_dtype: torch.dtype | None, caster: str,
+                             bytes_survive: bool) -> None:
+    """ValueError, naming the key, if the strategy would cast QLoRA's packed 4-bit bytes to `cast_dtype`.
+
+    None casts nothing. Storage already of that dtype is safe (a cast to itself copies
+    nothing); uint8 storage also where `bytes_survive` (the caster leaves non-floating
+    parameters alone).
+    """
+    if cast_dtype is None:
+        return
+    params = dict(model.named_parameters())
+    for name in quant_states(model):
+        dtype = params[name].dtype
+        if dtype == cast_dtype or (bytes_survive and not dtype.is_floating_point):
+            continue
+        fixes = [_short(cast_dtype), "uint8"] if bytes_survive else ["auto"]
+        raise ValueError(f"peft.bnb_4bit_quant_storage={_short(dtype)}: {caster} {_short(cast_dtype)} here and "
+                         f"would scramble the packed 4-bit bytes; set peft.bnb_4bit_quant_storage="
+                         f"{' or '.join(fixes)}")
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def plain_core(spec: tuple, state: dict[str, torch.Tensor], quant_states: dict | None = None) -> torch.nn.Module:

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from kernels.models.lora import quant_states
 from launcher.precision import Precision
-from strategies.distributed import DataParallelStrategy, core_spec, plain_core
+from strategies.distributed import DataParallelStrategy, core_spec, plain_core, refuse_4bit_storage_cast
 from strategies.optimizers import build_optimizer
 
 # Methods of the model core that evaluation calls instead of forward; FSDP must gather around them.
@@ -61,7 +61,8 @@ class FSDPStrategy(DataParallelStrategy):
 
     def setup(self, model: nn.Module, lr: float) -> nn.Module:
         precision = Precision.resolve(self.cfg.trainer.precision, self.device)
-        _check_4bit_storage(model, precision.shard_dtype)
+        # FSDP2 gathers every parameter in shard_dtype, bytes included
+        refuse_4bit_storage_cast(model, precision.shard_dtype, "FSDP2 gathers parameters in", bytes_survive=False)
         model = model.to(self.device)
         self._core = core_spec(model)
         shard = dict(mesh=self.mesh, reshard_after_forward=self.cfg.strategy.reshard_after_forward,
@@ -109,12 +110,3 @@ class FSDPStrategy(DataParallelStrategy):
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return plain_core(self._core, state, quant_states(self.model)) if self.is_main else None
 
-
-def _check_4bit_storage(model: nn.Module, shard_dtype: torch.dtype) -> None:
-    """FSDP2 casts what it gathers to shard_dtype: 4-bit storage of another dtype would be scrambled."""
-    params = dict(model.named_parameters())
-    for name in quant_states(model):
-        if params[name].dtype != shard_dtype:
-            raise ValueError(f"peft.bnb_4bit_quant_storage={str(params[name].dtype).removeprefix('torch.')}: FSDP2 "
-                             f"gathers parameters in {str(shard_dtype).removeprefix('torch.')} here and would cast "
-                             f"the packed 4-bit bytes; set peft.bnb_4bit_quant_storage=auto")

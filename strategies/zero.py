@@ -52,23 +52,11 @@ from launcher.config import Config
 from launcher.precision import Precision
 from strategies import checkpoint
 from strategies.optimizers import adamw_param_groups
-from strategies.distributed import DataParallelStrategy, core_spec, plain_core
+from strategies.distributed import DataParallelStrategy, core_spec, plain_core, refuse_4bit_storage_cast
 
 log = logging.getLogger(__name__)
 
 _DS_TAG = checkpoint.DEEPSPEED_DIR  # the engine's checkpoint lives in step-N/deepspeed/
-
-
-def _check_4bit_storage(model: nn.Module, half: torch.dtype | None) -> None:
-    """DeepSpeed's bf16/fp16 modes cast every floating parameter: QLoRA's packed bytes must already be that dtype."""
-    params = dict(model.named_parameters())
-    for name in quant_states(model):
-        dtype = params[name].dtype
-        if half is not None and dtype.is_floating_point and dtype != half:
-            raise ValueError(f"peft.bnb_4bit_quant_storage={str(dtype).removeprefix('torch.')}: DeepSpeed casts "
-                             f"floating parameters to {str(half).removeprefix('torch.')} here and would scramble the "
-                             f"packed 4-bit bytes; set peft.bnb_4bit_quant_storage={str(half).removeprefix('torch.')} "
-                             f"or uint8")
 
 
 def half_dtype(cfg: Config, device_type: str) -> torch.dtype | None:
@@ -241,7 +229,8 @@ class ZeROStrategy(DataParallelStrategy):
         trainer = self.cfg.trainer
         plan = BatchPlan.resolve(trainer.global_batch_size, trainer.micro_batch_size, self.world_size)
         half = half_dtype(self.cfg, self.device.type)
-        _check_4bit_storage(model, half)
+        # DeepSpeed's bf16/fp16 modes (half) cast floating parameters only
+        refuse_4bit_storage_cast(model, half, "DeepSpeed casts floating parameters to", bytes_survive=True)
         self.ds_config = deepspeed_config(self.cfg, plan, lr, half, self.device.type)
         self._core = core_spec(model)
         self.core = model.to(self.device)

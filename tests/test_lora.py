@@ -260,8 +260,13 @@ def test_a_4bit_storage_the_strategy_would_cast_is_refused_by_name():
     """FSDP2 and DeepSpeed cast floating parameters; packed 4-bit bytes of another float dtype would be scrambled."""
     if not _bitsandbytes_4bit_works():
         pytest.skip(f"bitsandbytes 4-bit does not run on {DEVICE} here")
-    from strategies.fsdp import _check_4bit_storage as check_fsdp
-    from strategies.zero import _check_4bit_storage as check_zero
+    from functools import partial
+
+    from strategies.distributed import refuse_4bit_storage_cast
+
+    # as strategies.fsdp and strategies.zero call it
+    check_fsdp = partial(refuse_4bit_storage_cast, caster="FSDP2 gathers parameters in", bytes_survive=False)
+    check_zero = partial(refuse_4bit_storage_cast, caster="DeepSpeed casts floating parameters to", bytes_survive=True)
 
     model = DecoderLM(DecoderConfig(**TINY))
     apply_lora(model, LoraSpec(r=4))
