@@ -75,6 +75,7 @@ def search(mode: str, model: str, start: int, max_seq: int, deadline: float, dev
         cuda = device.type == "cuda"
         trials.append({"seq": seq, "fits": True, "step_s": last_s, "loss": loss,
                        "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+                       "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
                        "pinned_host_gib": (torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0)
                                            - pinned_before) / GIB if cuda else None})
         print(f"{mode} {seq:>8,} tokens: step {last_s:6.1f}s, peak {trials[-1]['peak_alloc_gib'] or 0:.1f} GiB",

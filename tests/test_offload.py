@@ -50,6 +50,7 @@ def _ids(*shape):
 
 
 def test_offloaded_inputs_give_bit_identical_gradients(monkeypatch):
+    monkeypatch.setattr(offload, "SMALLEST_PIECE_BYTES", 64)  # each input in pieces: 3072 = 2048 + 1024 elements
     model = _model()
     input_ids, labels = _ids(2, 24), _ids(2, 24)
     shapes = []
@@ -60,6 +61,15 @@ def test_offloaded_inputs_give_bit_identical_gradients(monkeypatch):
     assert shapes == [torch.Size([2, 24, 64])] * 3  # each block's input, nothing else (RoPE tables stay)
     for name, grad in full.items():
         assert torch.equal(offloaded[name], grad), name
+
+
+@pytest.mark.parametrize("numel", [1, 3072, 2**20, 2**27 + 2**25 + 12345, 300_000 * 4096])
+def test_host_copies_take_what_they_need_in_power_of_two_pieces(numel):
+    """The host allocator rounds each block up to a power of two: pieces keep the waste under 1 MiB."""
+    pieces = offload.power_of_two_pieces(numel, element_size=2)
+    assert sum(pieces) == numel and pieces == sorted(pieces, reverse=True)
+    allocated = sum(1 << (2 * n - 1).bit_length() for n in pieces)  # bytes, each piece rounded up
+    assert allocated - 2 * numel < offload.SMALLEST_PIECE_BYTES
 
 
 def test_nothing_keeps_an_offloaded_input_alive_on_its_device(monkeypatch):

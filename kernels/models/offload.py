@@ -29,6 +29,21 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _side_streams[device]
 
 
+# The caching host allocator rounds each pinned block up to a power of two: one 2.3 GiB block
+# input (Llama-3-8B at 300k tokens) would take 4 GiB, and 32 of them more than the host has.
+# Stored as power-of-two pieces, a tensor takes what it needs to within this many bytes.
+SMALLEST_PIECE_BYTES = 1 << 20
+
+
+def power_of_two_pieces(numel: int, element_size: int) -> list[int]:
+    """numel as a sum of powers of two, largest first, the last piece under SMALLEST_PIECE_BYTES any length."""
+    pieces, rest = [], numel
+    while rest * element_size > SMALLEST_PIECE_BYTES:
+        pieces.append(1 << (rest.bit_length() - 1))
+        rest -= pieces[-1]
+    return pieces + [rest] if rest else pieces
+
+
 class _HostCopy:
     """One offloaded tensor: its host copy and, once prefetched, the device copy in flight.
 
@@ -37,30 +52,39 @@ class _HostCopy:
     """
 
     def __init__(self, tensor: torch.Tensor, previous: _HostCopy | None, stream: torch.cuda.Stream | None):
-        self.device, self.previous, self.stream = tensor.device, previous, stream
-        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=stream is not None)
+        self.device, self.shape, self.dtype = tensor.device, tensor.shape, tensor.dtype
+        self.previous, self.stream = previous, stream
+        self.lengths = power_of_two_pieces(tensor.numel(), tensor.element_size())
+        self.host = [torch.empty(n, dtype=tensor.dtype, pin_memory=stream is not None) for n in self.lengths]
         self.on_device: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
-        if stream is None:  # CPU tensors: a plain copy (the path the CPU tests take)
-            self.host.copy_(tensor)
+        flat = tensor.reshape(-1)
+        if stream is None:  # CPU tensors: plain copies (the path the CPU tests take)
+            self._copy(flat, to_host=True)
             return
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the tensor is written
         with torch.cuda.stream(stream):
-            self.host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(stream)  # its memory is not reused before the copy has read it
+            self._copy(flat, to_host=True)
+        flat.record_stream(stream)  # its memory is not reused before the copies have read it
+
+    def _copy(self, flat: torch.Tensor, to_host: bool) -> None:
+        for piece, chunk in zip(self.host, flat.split(self.lengths)):
+            target, source = (piece, chunk) if to_host else (chunk, piece)
+            target.copy_(source, non_blocking=True)
 
     def prefetch(self) -> None:
         """Start the copy back on the side stream (after the copy out, which ran there first)."""
         if self.stream is None or self.on_device is not None:
             return
         with torch.cuda.stream(self.stream):
-            self.on_device = self.host.to(self.device, non_blocking=True)
+            self.on_device = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            self._copy(self.on_device.view(-1), to_host=False)
             self.ready = self.stream.record_event()
 
     def fetch(self) -> torch.Tensor:
         """The tensor on its device, ready for the compute stream; starts fetching the previous one."""
         if self.stream is None:
-            return self.host
+            return torch.cat(self.host).view(self.shape)
         self.prefetch()
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(self.ready)
