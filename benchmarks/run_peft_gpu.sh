@@ -11,7 +11,8 @@ set -uo pipefail
 source "$(dirname "$0")/device_env.sh" peft_out
 export UNSLOTH_DISABLE_STATISTICS=1
 
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_offload.py 2>&1 | tail -3 | tee "$OUT/test_offload_gpu.txt"
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_lora.py -k "offload or recomputation" \
+  2>&1 | tail -3 | tee "$OUT/test_offload_gpu.txt"
 
 # HF + peft (5.8k tok/s, 31.4 GiB on 2026-12-07) is left out to keep the call under 10 minutes: add hf to --systems.
 timeout 270 python3 benchmarks/bench_train.py \

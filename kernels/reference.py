@@ -99,13 +99,16 @@ def lora_projections(
     dropout_p: float = 0.0,
     training: bool = False,
     quant_states: Sequence | None = None,
+    outputs_read: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """Projections of one input: y_i = x W_i^T + b_i + scaling * dropout(x) A_i^T B_i^T.
 
     A projection without an adapter has A_i = B_i = None. The base weights are frozen
     (peft trains adapters only); QLoRA's are 4-bit storage with quant_states[i] (None:
     dense). All adapters of the group share one dropout mask, as the fused op does: it
-    reads x once for every adapter of the group.
+    reads x once for every adapter of the group. outputs_read=False lets the fused op skip
+    work during recomputation; autograd saves what each op it runs needs, so here the
+    outputs are computed regardless.
     """
     dropped = F.dropout(x, dropout_p, training) if dropout_p else x
     outs = []

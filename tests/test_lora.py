@@ -8,6 +8,8 @@ This file is also a distributed worker: `torchrun ... tests/test_lora.py '<json 
 """
 from __future__ import annotations
 
+import collections
+
 import json
 import math
 import os
@@ -240,6 +242,40 @@ def test_dropout_mask_survives_activation_checkpointing():
     grads = [_trainable_grads(model, ids, seed=3) for model in (plain, checkpointed)]
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["full", "offload"])
+def test_recomputation_skips_the_down_projection_it_never_reads(mode, monkeypatch):
+    """A recomputed block runs every base projection but the MLP's last (its output goes nowhere),
+    and the adapters' gradients are those of the run that kept its activations."""
+    import copy
+
+    pytest.importorskip("triton")
+    from kernels.dispatch import resolve_ops
+    from kernels.ops import lora as lora_op
+
+    kept = _tiny_lora_model(LoraSpec(r=4))
+    kept.set_ops(resolve_ops("triton", torch.device(DEVICE)))
+    with torch.no_grad():
+        for layer in lora_layers(kept).values():
+            layer.lora_B.weight.normal_(0, 0.1)
+    recomputed = copy.deepcopy(kept)
+    recomputed.set_activation_checkpointing(mode)
+    names = {id(weight): name for name, weight in kept.named_parameters()}
+    names.update({id(weight): name for name, weight in recomputed.named_parameters()})
+    base_weights_read = []
+    monkeypatch.setattr(lora_op, "dense_weight", lambda weight, *args: base_weights_read.append(names[id(weight)]) or weight)
+    ids = torch.randint(0, 61, (1, 6))
+    grads, reads = [], []
+    for model in (kept, recomputed):
+        base_weights_read.clear()
+        grads.append(_trainable_grads(model, ids))
+        reads.append(collections.Counter(name.split(".")[-2] for name in base_weights_read))
+    blocks = kept.config.num_hidden_layers
+    recomputation = {name: blocks for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")}
+    assert reads[1] - reads[0] == recomputation  # every base projection but down_proj, once a block
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
 
 
 def test_bad_lora_config_names_the_key():

@@ -9,6 +9,7 @@ in `model.layers` is a self-contained module so FSDP2 can shard it on its own.
 from __future__ import annotations
 
 import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +76,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: Ops, output_read: bool = True) -> torch.Tensor:
         gate, up = project(x, (self.gate_proj, self.up_proj), ops)
-        return project(ops.swiglu(gate, up), (self.down_proj,), ops)[0]
+        return project(ops.swiglu(gate, up), (self.down_proj,), ops, output_read)[0]
 
 
 class DecoderBlock(nn.Module):
@@ -86,6 +87,9 @@ class DecoderBlock(nn.Module):
     The block's input is residual + delta; that add is fused into the input norm
     (ops.add_rms_norm), and the MLP output is handed on unsummed, so every residual
     add in the model runs inside a norm kernel, forward and backward.
+
+    When activation checkpointing recomputes the block (`recompute_contexts`), nothing
+    reads the MLP output: its down projection keeps only what backward needs.
     """
 
     def __init__(self, config: DecoderConfig, ops: Ops):
@@ -95,12 +99,25 @@ class DecoderBlock(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ops = ops
+        self.recomputing = False
 
     def forward(self, residual_BTD, delta_BTD, cos_BTd, sin_BTd, mask_B1TT=None):
         hidden_BTD, normed_BTD = add_then_norm(residual_BTD, delta_BTD, self.input_layernorm, self.ops)
         attn_BTD = self.self_attn(normed_BTD, cos_BTd, sin_BTd, mask_B1TT, self.ops)
         hidden_BTD, normed_BTD = add_then_norm(hidden_BTD, attn_BTD, self.post_attention_layernorm, self.ops)
-        return hidden_BTD, self.mlp(normed_BTD, self.ops)
+        return hidden_BTD, self.mlp(normed_BTD, self.ops, output_read=not self.recomputing)
+
+    def recompute_contexts(self):
+        """torch.utils.checkpoint's context_fn: (around the forward pass, around its recomputation)."""
+        return contextlib.nullcontext(), self._recomputation()
+
+    @contextlib.contextmanager
+    def _recomputation(self) -> Iterator[None]:
+        self.recomputing = True
+        try:
+            yield
+        finally:
+            self.recomputing = False
 
 
 def add_then_norm(residual, delta, norm: RMSNorm, ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,9 +212,11 @@ class DecoderLM(nn.Module):
                 # A checkpoint keeps its inputs: hand it one summed tensor, not two.
                 if delta_BTD is not None:
                     residual_BTD, delta_BTD = residual_BTD + delta_BTD, None
+                # Under torch.compile the partitioner chooses what to recompute.
+                contexts = {} if torch.compiler.is_compiling() else {"context_fn": block.recompute_contexts}
                 with offloader.saving(residual_BTD) if offloader else contextlib.nullcontext():
                     residual_BTD, delta_BTD = checkpoint(block, residual_BTD, delta_BTD, cos_BTd, sin_BTd,
-                                                         mask_B1TT, use_reentrant=False)
+                                                         mask_B1TT, use_reentrant=False, **contexts)
             else:
                 residual_BTD, delta_BTD = block(residual_BTD, delta_BTD, cos_BTd, sin_BTd, mask_B1TT)
         return add_then_norm(residual_BTD, delta_BTD, self.model.norm, self.ops)[1]

@@ -104,8 +104,11 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     return model
 
 
-def project(x: torch.Tensor, layers: Sequence[nn.Linear], ops: Ops) -> tuple[torch.Tensor, ...]:
-    """The outputs of linear layers that share the input x; their adapters run as one fused op."""
+def project(x: torch.Tensor, layers: Sequence[nn.Linear], ops: Ops, outputs_read: bool = True) -> tuple[torch.Tensor, ...]:
+    """The outputs of linear layers that share the input x; their adapters run as one fused op.
+
+    outputs_read=False: a recomputation that keeps only what backward saves (ops.lora_projections).
+    """
     lora = [layer for layer in layers if isinstance(layer, LoRALinear)]
     if not lora:
         return tuple(layer(x) for layer in layers)
@@ -120,6 +123,7 @@ def project(x: torch.Tensor, layers: Sequence[nn.Linear], ops: Ops) -> tuple[tor
         first.lora_dropout,
         first.training,
         [getattr(layer, "quant_state", None) for layer in layers],
+        outputs_read,
     )
 
 

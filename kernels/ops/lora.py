@@ -11,6 +11,11 @@ term afterwards would read and write the output once more. Triton only does what
 GEMM cannot: the dropout mask, drawn from a seed and recomputed in the backward
 instead of being stored (no mask tensor).
 
+When activation checkpointing recomputes a block, backward reads what the op saves,
+never its outputs: with outputs_read=False it skips the base GEMMs (and QLoRA's
+dequantisation) and returns placeholders, which for the MLP's down projection saves
+a seventh of the recomputation's GEMM work.
+
 Saved for backward: x and u = s * dropout(x) A^T ([N, R], R = r x adapters), plus the
 parameters (references, no copies).
 """
@@ -65,7 +70,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _LoRAProjectionsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scaling, dropout_p, seed, quant_states, n_proj, *params):
+    def forward(ctx, x, scaling, dropout_p, seed, quant_states, outputs_read, n_proj, *params):
         weights, biases, lora_As, lora_Bs = (params[i * n_proj:(i + 1) * n_proj] for i in range(4))
         dtype = _compute_dtype(x)
         cast = lambda t: None if t is None else t.to(dtype)
@@ -80,6 +85,10 @@ class _LoRAProjectionsFn(torch.autograd.Function):
             u_parts = dict(zip(adapted, u.split(ranks, dim=1)))
             outs = []
             for i in range(n_proj):
+                if not outputs_read:  # zero-stride placeholders of the outputs' shape: nothing is computed
+                    out_features = (weights[i] if quant_states[i] is None else quant_states[i]).shape[0]
+                    outs.append(x2d.new_zeros(()).expand(*x.shape[:-1], out_features))
+                    continue
                 w, b = dense_weight(weights[i], dtype, quant_states[i]).to(dtype), cast(biases[i])
                 if i in u_parts:  # the adapter's term first; the base GEMM accumulates onto it
                     lora_B = cast(lora_Bs[i]).t()
@@ -124,7 +133,7 @@ class _LoRAProjectionsFn(torch.autograd.Function):
                         dx.addmm_(g, dense_weight(w, dtype, quant_state).to(dtype))
                 dx = dx.view(x_shape).to(x_dtype)
         # no gradient for the frozen weights and biases, by contract (checked in lora_projections)
-        return (dx, None, None, None, None, None, *[None] * (2 * n_proj), *d_lora_A, *d_lora_B)
+        return (dx, None, None, None, None, None, None, *[None] * (2 * n_proj), *d_lora_A, *d_lora_B)
 
 
 def lora_projections(
@@ -137,8 +146,13 @@ def lora_projections(
     dropout_p: float = 0.0,
     training: bool = False,
     quant_states: Sequence | None = None,
+    outputs_read: bool = True,
 ) -> tuple[torch.Tensor, ...]:
-    """Fused twin of `reference.lora_projections` (see there); the mask differs from torch's dropout."""
+    """Fused twin of `reference.lora_projections` (see there); the mask differs from torch's dropout.
+
+    outputs_read=False (a checkpointed block's recomputation, whose outputs nobody reads):
+    the outputs are zero-stride placeholders, and only what backward needs is computed.
+    """
     if any(t is not None and t.requires_grad for t in (*weights, *biases)):
         raise ValueError("lora_projections: the base weights and biases must be frozen (requires_grad=False); "
                          "use plain linear layers to train them")
@@ -149,5 +163,5 @@ def lora_projections(
     # checkpointing (which restores the RNG state before recomputing) draws the same one again.
     seed = int(torch.randint(0, 2**31 - 1, ())) if p else 0
     quant_states = tuple(quant_states or [None] * len(weights))
-    return _LoRAProjectionsFn.apply(x, scaling, p, seed, quant_states, len(weights), *weights, *biases, *lora_As,
-                                    *lora_Bs)
+    return _LoRAProjectionsFn.apply(x, scaling, p, seed, quant_states, outputs_read, len(weights), *weights, *biases,
+                                    *lora_As, *lora_Bs)
