@@ -17,6 +17,7 @@ longest length measured to fit), the per-length peaks and step times, and the tw
 predicted limits. Results: $OUT/longest_context.json.
 
 usage: python benchmarks/longest_context.py [--modes lora,qlora] [--start 16384] [--budget-s 500]
+       python benchmarks/longest_context.py --cap-gib 79.18   # an H100 80GB's memory on a larger card
        python benchmarks/longest_context.py --smoke      # tiny model on CPU, seconds
 """
 from __future__ import annotations
@@ -37,9 +38,12 @@ from benchmarks.bench_train import MODELS, REPO, Workload, _make_batch, build_sl
 GIB = 2**30
 
 
-def search(mode: str, model: str, start: int, max_seq: int, deadline: float, device) -> dict:
+def search(mode: str, model: str, start: int, max_seq: int, deadline: float, device, cap_gib: float | None) -> dict:
     """Child: one step per doubling length; a step that would overrun the deadline is not started."""
     import torch
+
+    if cap_gib:  # a smaller card: the caching allocator refuses what lies beyond the cap
+        torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / torch.cuda.get_device_properties(device).total_memory)
 
     kernels = "triton" if device.type == "cuda" else "torch"
     step, _, _, _, _ = build_slipstream(Workload(model, mode, 1, start, "offload"), device, kernels)
@@ -84,7 +88,7 @@ def search(mode: str, model: str, start: int, max_seq: int, deadline: float, dev
     fitting = [t for t in trials if t["fits"]]
     row = {"trials": trials, "outcome": outcome, "longest_fitting_seq": fitting[-1]["seq"] if fitting else None}
     if device.type == "cuda" and len(fitting) >= 2:
-        total = torch.cuda.get_device_properties(device).total_memory / GIB
+        total = cap_gib or torch.cuda.get_device_properties(device).total_memory / GIB
         per_token, intercept = statistics.linear_regression([t["seq"] for t in fitting],
                                                             [t["peak_alloc_gib"] for t in fitting])
         host_per_token = max(t["pinned_host_gib"] / t["seq"] for t in fitting)
@@ -103,6 +107,7 @@ def main() -> None:
     ap.add_argument("--modes", default="qlora,lora")
     ap.add_argument("--start", type=int, default=16384)
     ap.add_argument("--max-seq", type=int, default=1 << 20)
+    ap.add_argument("--cap-gib", type=float, help="device memory allowed (a smaller card's); default: all of it")
     ap.add_argument("--budget-s", type=float, default=500, help="for all modes together")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/longest_context_out")
@@ -115,7 +120,7 @@ def main() -> None:
         import torch
 
         device = torch.device("cpu" if args.smoke else "cuda")
-        print("RESULT " + json.dumps(search(args.one, model, args.start, args.max_seq, args.deadline, device)), flush=True)
+        print("RESULT " + json.dumps(search(args.one, model, args.start, args.max_seq, args.deadline, device, args.cap_gib)), flush=True)
         return
 
     started = time.time()
@@ -127,6 +132,7 @@ def main() -> None:
         share = (args.budget_s - (time.time() - started)) / (len(modes) - index)
         cmd = [sys.executable, __file__, "--one", mode, "--start", str(64 if args.smoke else args.start),
                "--max-seq", str(512 if args.smoke else args.max_seq), "--deadline", str(time.time() + share)] + (["--smoke"] if args.smoke else [])
+        cmd += ["--cap-gib", str(args.cap_gib)] if args.cap_gib else []
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=share + 120)
         (out / f"longest_context-{mode}.log").write_text(proc.stdout + proc.stderr)
         result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -138,7 +144,8 @@ def main() -> None:
         row = {"workload": f"{model}-{mode}-longest", "system": "slipstream",
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)",
                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "micro_batch": 1,
-               "activation_checkpointing": "offload", **json.loads(result[0][7:])}
+               "activation_checkpointing": "offload", "device_memory_cap_gib": args.cap_gib,
+               **json.loads(result[0][7:])}
         rows.append(row)
         (out / "longest_context.json").write_text(json.dumps(rows, indent=1))
         print(json.dumps({k: v for k, v in row.items() if k != "trials"}), flush=True)
