@@ -2,7 +2,8 @@
 
 Slipstream's real training step (bench_train.build_slipstream: the model core, its
 Triton kernels, SingleDevice, launcher.loop.train_step) with activation checkpointing
-offloaded to pinned host memory, as Unsloth's "unsloth" checkpointing does. One child
+offloaded to pinned host memory, as Unsloth's "unsloth" checkpointing does, and torch's
+allocator configured as `launch` configures it (expandable segments). One child
 process per mode builds the model once, then runs one full step (forward, backward,
 AdamW) at doubling sequence lengths until a step runs out of memory or the next one
 would not finish in the time left. Attention makes a step's time grow with the square
@@ -34,12 +35,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_train import MODELS, REPO, Workload, _make_batch, build_slipstream  # noqa: E402
+from launcher.spawn import default_allocator_config  # noqa: E402
 
 GIB = 2**30
 
 
-def search(mode: str, model: str, start: int, max_seq: int, deadline: float, device, cap_gib: float | None) -> dict:
-    """Child: one step per doubling length; a step that would overrun the deadline is not started."""
+def search(mode: str, model: str, start: int, max_seq: int, deadline: float, device, cap_gib: float | None,
+           top_down: list[int] | None = None) -> dict:
+    """Child: one step per doubling length; a step that would overrun the deadline is not started.
+
+    top_down: these lengths instead, longest first, until one fits (probing near the limit).
+    """
     import torch
 
     if cap_gib:  # a smaller card: the caching allocator refuses what lies beyond the cap
@@ -48,7 +54,7 @@ def search(mode: str, model: str, start: int, max_seq: int, deadline: float, dev
     kernels = "triton" if device.type == "cuda" else "torch"
     step, _, _, _, _ = build_slipstream(Workload(model, mode, 1, start, "offload"), device, kernels)
     vocab = MODELS[model]["vocab_size"]
-    trials, seq, last_s = [], start, 0.0
+    trials, seq, last_s = [], (top_down or [start])[0], 0.0
     while True:
         # Attention dominates long steps: the next one takes about 4x this one (2x the length).
         if trials and time.time() + 4.5 * last_s > deadline:
@@ -69,9 +75,13 @@ def search(mode: str, model: str, start: int, max_seq: int, deadline: float, dev
         started = time.perf_counter()
         try:
             loss = float(step([{"input_ids": ids, "labels": labels}]))
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as error:
             outcome = f"out of device memory at {seq} tokens"
-            trials.append({"seq": seq, "fits": False})
+            trials.append({"seq": seq, "fits": False, "error": str(error).split("\n")[0][:600],
+                           "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB})
+            if top_down and seq != top_down[-1]:
+                seq = top_down[top_down.index(seq) + 1]
+                continue
             break
         finally:
             del ids, labels
@@ -84,6 +94,9 @@ def search(mode: str, model: str, start: int, max_seq: int, deadline: float, dev
                                            - pinned_before) / GIB if cuda else None})
         print(f"{mode} {seq:>8,} tokens: step {last_s:6.1f}s, peak {trials[-1]['peak_alloc_gib'] or 0:.1f} GiB",
               flush=True)
+        if top_down:
+            outcome = f"{seq} tokens fit, the longest of --top-down that does"
+            break
         seq *= 2
     fitting = [t for t in trials if t["fits"]]
     row = {"trials": trials, "outcome": outcome, "longest_fitting_seq": fitting[-1]["seq"] if fitting else None}
@@ -107,6 +120,7 @@ def main() -> None:
     ap.add_argument("--modes", default="qlora,lora")
     ap.add_argument("--start", type=int, default=16384)
     ap.add_argument("--max-seq", type=int, default=1 << 20)
+    ap.add_argument("--top-down", help="comma-separated lengths, longest first: the first that fits ends the search")
     ap.add_argument("--cap-gib", type=float, help="device memory allowed (a smaller card's); default: all of it")
     ap.add_argument("--budget-s", type=float, default=500, help="for all modes together")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
@@ -120,20 +134,24 @@ def main() -> None:
         import torch
 
         device = torch.device("cpu" if args.smoke else "cuda")
-        print("RESULT " + json.dumps(search(args.one, model, args.start, args.max_seq, args.deadline, device, args.cap_gib)), flush=True)
+        print("RESULT " + json.dumps(search(args.one, model, args.start, args.max_seq, args.deadline, device, args.cap_gib,
+                                             [int(n) for n in args.top_down.split(",")] if args.top_down else None)), flush=True)
         return
 
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     modes = [m for m in args.modes.split(",") if m]
+    env = dict(os.environ)
+    default_allocator_config(env)  # as `launch` runs a job: expandable segments unless configured
     rows = []
     for index, mode in enumerate(modes):
         share = (args.budget_s - (time.time() - started)) / (len(modes) - index)
         cmd = [sys.executable, __file__, "--one", mode, "--start", str(64 if args.smoke else args.start),
                "--max-seq", str(512 if args.smoke else args.max_seq), "--deadline", str(time.time() + share)] + (["--smoke"] if args.smoke else [])
         cmd += ["--cap-gib", str(args.cap_gib)] if args.cap_gib else []
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=share + 120)
+        cmd += ["--top-down", args.top_down] if args.top_down else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=share + 120, env=env)
         (out / f"longest_context-{mode}.log").write_text(proc.stdout + proc.stderr)
         result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if not result:
@@ -145,6 +163,7 @@ def main() -> None:
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)",
                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "micro_batch": 1,
                "activation_checkpointing": "offload", "device_memory_cap_gib": args.cap_gib,
+               "allocator_config": env.get("PYTORCH_ALLOC_CONF") or env.get("PYTORCH_CUDA_ALLOC_CONF"),
                **json.loads(result[0][7:])}
         rows.append(row)
         (out / "longest_context.json").write_text(json.dumps(rows, indent=1))

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launcher.compose import CONF_DIR, ConfigError, to_config, validate
 from launcher.config import register_schemas
-from launcher.spawn import needs_torchrun
+from launcher.spawn import default_allocator_config, needs_torchrun
 
 # Flags after which Hydra only prints something: nothing to validate.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--shell-completion", "-sc"}
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"launch: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
     sys.argv = [sys.argv[0], *argv]
+    default_allocator_config(os.environ)  # before anything touches CUDA; torchrun's workers inherit it
     _run()
 
 

@@ -42,6 +42,19 @@ def torchrun_command(resolved: Path, cluster: ClusterConfig) -> list[str]:
             f"--signals_to_handle={FORWARDED_SIGNALS}", "-m", "launcher.train", "--resolved", str(resolved)]
 
 
+def default_allocator_config(env) -> None:
+    """Expandable segments for torch's CUDA allocator, unless the user configured it (env: os.environ or a copy).
+
+    Long sequences and activation offload allocate tensors of many sizes, and without
+    expandable segments freed blocks are stranded between them: 8B QLoRA at 303k tokens
+    ran out of memory with 57.9 GiB allocated and 12.3 GiB reserved but unusable
+    (benchmarks/results/2026-12-07-h100-longest_context-v2.json). Read at CUDA's first
+    use, so set before it; Unsloth and torchtitan set the same.
+    """
+    if "PYTORCH_ALLOC_CONF" not in env and "PYTORCH_CUDA_ALLOC_CONF" not in env:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # the name torch >= 2.6 reads
+
+
 def worker_env() -> dict[str, str]:
     env = dict(os.environ)
     # Workers import this checkout even when it is not installed (python -m launcher from a clone).

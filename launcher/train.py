@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.compose import check_machine, compose_config, to_config
+from launcher.spawn import default_allocator_config
 from launcher.topology import Topology
 
 
@@ -64,6 +66,7 @@ def load(args: argparse.Namespace, topology: Topology):
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(list(sys.argv[1:] if argv is None else argv))
+    default_allocator_config(os.environ)
     topology = Topology.from_env()
     logging.basicConfig(level=logging.INFO if topology.rank == 0 else logging.WARNING,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")

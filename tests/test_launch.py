@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from launcher.config import ClusterConfig
-from launcher.spawn import needs_torchrun, torchrun_command
+from launcher.spawn import default_allocator_config, needs_torchrun, torchrun_command
 from launcher.topology import Topology, _first_host_parsed, slurm_torch_env, tasks_on_node
 from test_strategies import signal_after_rows
 
@@ -116,6 +116,14 @@ def test_torchrun_command_one_node_and_several():
                 "--max_restarts=2", "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"):
         assert arg in several
     assert not needs_torchrun(ClusterConfig()) and needs_torchrun(ClusterConfig(max_restarts=1))
+
+
+@pytest.mark.parametrize("users", [{}, {"PYTORCH_ALLOC_CONF": "backend:native"},
+                                   {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}])
+def test_workers_get_expandable_segments_unless_the_user_configured_the_allocator(users):
+    env = dict(users)
+    default_allocator_config(env)
+    assert env == (users or {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
 
 
 @pytest.mark.parametrize("overrides,expected", [

@@ -274,8 +274,8 @@ def test_recomputation_skips_the_down_projection_it_never_reads(mode, monkeypatc
     blocks = kept.config.num_hidden_layers
     recomputation = {name: blocks for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")}
     assert reads[1] - reads[0] == recomputation  # every base projection but down_proj, once a block
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
+    for name, grad in grads[0].items():  # on CUDA the attention backward adds in any order: not bitwise
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_bad_lora_config_names_the_key():
