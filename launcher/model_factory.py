@@ -27,12 +27,16 @@ def architecture(cfg: ModelConfig, tokenizer_vocab_size: int) -> DecoderConfig:
 def build_model(cfg: ModelConfig, tokenizer_vocab_size: int, device: torch.device, dtype: torch.dtype,
                 seed: int, peft: PeftConfig | None = None) -> DecoderLM:
     ops = resolve_ops(cfg.kernels, device)
+    adapters = peft is not None and peft.method != "none"
+    # QLoRA's base reaches the device quantised, one weight at a time (quantize_base_4bit): a
+    # 12 GiB card then trains an 8B model whose dense copy (16 GB) it could never hold.
+    staging = torch.device("cpu") if adapters and peft.method == "qlora" else device
     if cfg.path:
-        model = load_pretrained(cfg.path, device=device, dtype=dtype, ops=ops)
+        model = load_pretrained(cfg.path, device=staging, dtype=dtype, ops=ops)
     else:
         torch.manual_seed(seed)
-        model = DecoderLM(architecture(cfg, tokenizer_vocab_size), ops=ops).to(device=device, dtype=dtype)
-    return add_adapters(model, peft) if peft is not None and peft.method != "none" else model
+        model = DecoderLM(architecture(cfg, tokenizer_vocab_size), ops=ops).to(device=staging, dtype=dtype)
+    return add_adapters(model, peft, device).to(device) if adapters else model
 
 
 def resolved_peft(peft: PeftConfig, precision: Precision) -> PeftConfig:
@@ -42,8 +46,9 @@ def resolved_peft(peft: PeftConfig, precision: Precision) -> PeftConfig:
     return dataclasses.replace(peft, bnb_4bit_quant_storage=str(precision.shard_dtype).removeprefix("torch."))
 
 
-def add_adapters(model: DecoderLM, peft: PeftConfig) -> DecoderLM:
-    """peft=lora: frozen base + LoRA adapters; peft=qlora: the same over a 4-bit base."""
+def add_adapters(model: DecoderLM, peft: PeftConfig, device: torch.device | None = None) -> DecoderLM:
+    """peft=lora: frozen base + LoRA adapters; peft=qlora: the same over a 4-bit base, quantised into
+    `device` (default: where the weights are)."""
     apply_lora(model, LoraSpec(r=peft.r, lora_alpha=peft.lora_alpha, lora_dropout=peft.lora_dropout,
                                target_modules=tuple(peft.target_modules), use_rslora=peft.use_rslora,
                                init_lora_weights=peft.init_lora_weights))
@@ -51,7 +56,7 @@ def add_adapters(model: DecoderLM, peft: PeftConfig) -> DecoderLM:
         assert peft.bnb_4bit_quant_storage != "auto", "resolved_peft() makes the storage dtype concrete first"
         quantize_base_4bit(model, QuantSpec(peft.bnb_4bit_quant_type, peft.bnb_4bit_use_double_quant,
                                             getattr(torch, peft.bnb_4bit_compute_dtype),
-                                            getattr(torch, peft.bnb_4bit_quant_storage)))
+                                            getattr(torch, peft.bnb_4bit_quant_storage)), device)
     return model
 
 

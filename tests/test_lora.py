@@ -479,6 +479,26 @@ def test_qlora_on_cuda_in_bf16_with_the_fused_op():
 
 @GPU
 @pytest.mark.gpu
+def test_qlora_base_reaches_the_device_quantised_one_weight_at_a_time():
+    """build_model never holds the dense base on the device: a card smaller than it trains QLoRA."""
+    from launcher.config import ModelConfig, PeftConfig
+    from launcher.model_factory import build_model
+
+    model_cfg = ModelConfig(vocab_size=64, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=8)
+    blocks_dense = 8 * (4 * 512 * 512 + 3 * 512 * 2048) * 2  # bf16 bytes, 64 MiB
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model = build_model(model_cfg, 64, torch.device("cuda"), torch.bfloat16, seed=0,
+                        peft=PeftConfig(method="qlora", bnb_4bit_quant_storage="uint8"))
+    peak = torch.cuda.max_memory_allocated() - before
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert peak < blocks_dense / 2, (peak, blocks_dense)  # 4-bit blocks (a quarter) and one weight in flight
+
+
+@GPU
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", ["qkv-q-and-v-only-bias", "gate_up-grouped"])
 def test_lora_projections_under_bf16_autocast(case):
     from kernels import ops

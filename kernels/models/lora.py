@@ -163,7 +163,7 @@ def quant_states(model: nn.Module) -> dict:
             if getattr(module, "quant_state", None) is not None}
 
 
-def quantize_base_4bit(model: nn.Module, quant: QuantSpec) -> nn.Module:
+def quantize_base_4bit(model: nn.Module, quant: QuantSpec, device: torch.device | None = None) -> nn.Module:
     """Stores the frozen weights of every block's linear layers in 4 bits (bitsandbytes NF4/FP4).
 
     Each weight becomes a plain frozen Parameter holding the packed bytes (viewed as
@@ -171,8 +171,9 @@ def quantize_base_4bit(model: nn.Module, quant: QuantSpec) -> nn.Module:
     (`quant_state`), not on the tensor: a strategy that re-wraps parameters (FSDP2's
     DTensors) keeps it. Adapted layers keep their LoRALinear, whose op dequantises per
     use (reference.dense_weight); the others become `Linear4bit`. Embeddings and the LM
-    head stay dense, as in QLoRA. Quantisation happens where the weights are: call it
-    after moving the model to its device.
+    head stay dense, as in QLoRA. Quantisation happens on `device` (default: where each
+    weight is), one weight at a time: a base built on the CPU never has to fit the
+    device dense. Everything else stays where it is.
     """
     try:
         import bitsandbytes as bnb
@@ -187,7 +188,7 @@ def quantize_base_4bit(model: nn.Module, quant: QuantSpec) -> nn.Module:
             weight = bnb.nn.Params4bit(child.weight.data.to(quant.compute_dtype), requires_grad=False,
                                        quant_type=quant.quant_type, compress_statistics=quant.double_quant,
                                        quant_storage=quant.quant_storage)
-            weight = weight.to(child.weight.device)  # quantises
+            weight = weight.to(device or child.weight.device)  # quantises there
             storage = nn.Parameter(weight.data, requires_grad=False)
             if isinstance(child, LoRALinear):
                 child.weight, child.quant_state = storage, weight.quant_state
