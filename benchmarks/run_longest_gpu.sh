@@ -3,7 +3,7 @@
 # (bitsandbytes for QLoRA). A step near the card's limit takes minutes (attention grows with the
 # square of the length), so one call checks one mode, from START doubling up to MAX_SEQ:
 #   MODES=lora START=16384 bash benchmarks/run_longest_gpu.sh                      # the doubling search
-#   MODES=qlora START=344064 MAX_SEQ=344064 bash benchmarks/run_longest_gpu.sh      # one length, near the limit
+#   MODES=qlora TOP_DOWN=352256,344064,327680 bash benchmarks/run_longest_gpu.sh   # near the limit, longest first
 #   CAP_GIB=79.18 ...                                     # on a larger card: only an H100 80GB's memory
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh" longest_out
@@ -13,5 +13,5 @@ tail -1 "$OUT/test_offload_gpu.txt"
 
 budget=${LONGEST_S:-520}
 timeout "$budget" python3 benchmarks/longest_context.py --modes "${MODES:-qlora,lora}" --start "${START:-16384}" \
-  --max-seq "${MAX_SEQ:-1048576}" ${CAP_GIB:+--cap-gib $CAP_GIB} --budget-s $(( budget - 20 )) --out "$OUT" 2>&1 | tail -12
+  --max-seq "${MAX_SEQ:-1048576}" ${TOP_DOWN:+--top-down $TOP_DOWN} ${CAP_GIB:+--cap-gib $CAP_GIB} --budget-s $(( budget - 20 )) --out "$OUT" 2>&1 | tail -12
 free -g | head -2
