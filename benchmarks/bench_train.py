@@ -670,7 +670,7 @@ def main() -> None:
         if system not in ("slipstream", "profile") and WORKLOADS[workload].checkpointing in SLIPSTREAM_ONLY:
             print(f"note: {workload} / {system}: no such checkpointing mode there (no row)", flush=True)
             continue
-        if WORKLOADS[workload].mode == "qlora" and system != "slipstream":
+        if WORKLOADS[workload].mode == "qlora" and system not in ("slipstream", "profile"):
             # HF's QLoRA loads a quantised checkpoint from disk: the peers' own script measures it
             print(f"note: {workload} / {system}: measured by anchors_qlora_unsloth.py (no row here)", flush=True)
             continue
