@@ -40,12 +40,42 @@ from launcher.spawn import default_allocator_config  # noqa: E402
 GIB = 2**30
 
 
+def _trial(step, vocab: int, seq: int, device) -> dict:
+    """One training step on one sequence of `seq` tokens: its time and peaks, or the out-of-memory error."""
+    import torch
+
+    cuda = device.type == "cuda"
+    ids, labels = _make_batch(vocab, 1, seq, device)
+    pinned_before = 0
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_host_memory_stats()
+        # The host cache retires the last trial's pinned blocks lazily, and they count as
+        # allocated until then (on 2026-12-07 each trial's peak held all earlier ones).
+        pinned_before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    started = time.perf_counter()
+    try:
+        loss = float(step([{"input_ids": ids, "labels": labels}]))
+    except torch.OutOfMemoryError as error:
+        return {"seq": seq, "fits": False, "error": str(error).split("\n")[0][:600],
+                "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB}
+    finally:
+        del ids, labels
+    trial = {"seq": seq, "fits": True, "step_s": time.perf_counter() - started, "loss": loss,
+             "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
+             "pinned_host_gib": (torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0)
+                                 - pinned_before) / GIB if cuda else None}
+    print(f"{seq:>8,} tokens: step {trial['step_s']:6.1f}s, peak {trial['peak_alloc_gib'] or 0:.1f} GiB", flush=True)
+    return trial
+
+
 def search(mode: str, model: str, start: int, max_seq: int, deadline: float, device, cap_gib: float | None,
            top_down: list[int] | None = None) -> dict:
-    """Child: one step per doubling length; a step that would overrun the deadline is not started.
-
-    top_down: these lengths instead, longest first, until one fits (probing near the limit).
-    """
+    """Child: one step per length, from `start` doubling up to `max_seq` until one runs out of memory
+    (a step that would overrun the deadline is not started); or the `top_down` lengths, longest
+    first, until one fits (probing near the limit)."""
     import torch
 
     if cap_gib:  # a smaller card: the caching allocator refuses what lies beyond the cap
@@ -54,50 +84,17 @@ def search(mode: str, model: str, start: int, max_seq: int, deadline: float, dev
     kernels = "triton" if device.type == "cuda" else "torch"
     step, _, _, _, _ = build_slipstream(Workload(model, mode, 1, start, "offload"), device, kernels)
     vocab = MODELS[model]["vocab_size"]
-    trials, seq, last_s = [], (top_down or [start])[0], 0.0
-    while True:
-        # Attention dominates long steps: the next one takes about 4x this one (2x the length).
-        if trials and time.time() + 4.5 * last_s > deadline:
+    lengths = top_down or [start << k for k in range((max_seq // start).bit_length())]
+    trials, outcome = [], f"every length tried: {', '.join(map(str, lengths))}"
+    for seq in lengths:
+        # Attention dominates long steps: the next one takes about 4x the last (2x the length).
+        if trials and trials[-1]["fits"] and time.time() + 4.5 * trials[-1]["step_s"] > deadline:
             outcome = "stopped: the next length would overrun the time budget"
             break
-        if seq > max_seq:
-            outcome = f"stopped at --max-seq {max_seq}"
+        trials.append(_trial(step, vocab, seq, device))
+        if trials[-1]["fits"] == bool(top_down):  # doubling ends at the first failure, top-down at the first fit
+            outcome = f"{seq} tokens {'fit' if top_down else 'ran out of device memory'}"
             break
-        ids, labels = _make_batch(vocab, 1, seq, device)
-        pinned_before = 0
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.reset_peak_host_memory_stats()
-            # The host cache retires the last trial's pinned blocks lazily, and they count as
-            # allocated until then (on 2026-12-07 each trial's peak held all earlier ones).
-            pinned_before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
-        started = time.perf_counter()
-        try:
-            loss = float(step([{"input_ids": ids, "labels": labels}]))
-        except torch.OutOfMemoryError as error:
-            outcome = f"out of device memory at {seq} tokens"
-            trials.append({"seq": seq, "fits": False, "error": str(error).split("\n")[0][:600],
-                           "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB})
-            if top_down and seq != top_down[-1]:
-                seq = top_down[top_down.index(seq) + 1]
-                continue
-            break
-        finally:
-            del ids, labels
-        last_s = time.perf_counter() - started
-        cuda = device.type == "cuda"
-        trials.append({"seq": seq, "fits": True, "step_s": last_s, "loss": loss,
-                       "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
-                       "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
-                       "pinned_host_gib": (torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0)
-                                           - pinned_before) / GIB if cuda else None})
-        print(f"{mode} {seq:>8,} tokens: step {last_s:6.1f}s, peak {trials[-1]['peak_alloc_gib'] or 0:.1f} GiB",
-              flush=True)
-        if top_down:
-            outcome = f"{seq} tokens fit, the longest of --top-down that does"
-            break
-        seq *= 2
     fitting = [t for t in trials if t["fits"]]
     row = {"trials": trials, "outcome": outcome, "longest_fitting_seq": fitting[-1]["seq"] if fitting else None}
     if device.type == "cuda" and len(fitting) >= 2:
