@@ -109,4 +109,3 @@ class FSDPStrategy(DataParallelStrategy):
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return plain_core(self._core, state, quant_states(self.model)) if self.is_main else None
-
