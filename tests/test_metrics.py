@@ -221,7 +221,7 @@ def test_tensorboard_backend_writes_scalars_per_step(tmp_path, monkeypatch):
 
 def test_real_wandb_offline_run_holds_the_config_and_the_logged_metrics(tmp_path, monkeypatch):
     """The installed wandb, offline (no key): its run file under the run dir carries the config and every row."""
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     from launcher.loop import train
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -229,6 +229,9 @@ def test_real_wandb_offline_run_holds_the_config_and_the_logged_metrics(tmp_path
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(to_config(compose_config(["logger=wandb", "trainer.max_steps=3", "trainer.log_every=1",
                                     "trainer.export_hf=false", "data.max_eval_examples=8"])), tmp_path)
+    # The run file is written by wandb's service process; at exit its teardown waits for it. A test
+    # reads it while the process lives on: wait here (once, under two loaded cores, it held only its header).
+    wandb.teardown()
     [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     recorded = run_file.read_bytes()  # protobuf records: keys and JSON-encoded values appear verbatim
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
