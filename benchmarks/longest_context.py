@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import statistics
@@ -48,26 +49,29 @@ def _trial(step, vocab: int, seq: int, device) -> dict:
     ids, labels = _make_batch(vocab, 1, seq, device)
     pinned_before = 0
     if cuda:
+        # The host cache retires the last trial's pinned blocks lazily, at its next allocation
+        # after their copies are done, and counts them as allocated until then (on 2026-12-07
+        # a trial after an out-of-memory one measured none of its own): retire them first.
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.empty(1, pin_memory=True)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.reset_peak_host_memory_stats()
-        # The host cache retires the last trial's pinned blocks lazily, and they count as
-        # allocated until then (on 2026-12-07 each trial's peak held all earlier ones).
         pinned_before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
     started = time.perf_counter()
     try:
         loss = float(step([{"input_ids": ids, "labels": labels}]))
+        trial = {"seq": seq, "fits": True, "step_s": time.perf_counter() - started, "loss": loss}
     except torch.OutOfMemoryError as error:
-        return {"seq": seq, "fits": False, "error": str(error).split("\n")[0][:600],
-                "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB}
+        trial = {"seq": seq, "fits": False, "error": str(error).split("\n")[0][:600]}
     finally:
         del ids, labels
-    trial = {"seq": seq, "fits": True, "step_s": time.perf_counter() - started, "loss": loss,
-             "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
-             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
-             "pinned_host_gib": (torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0)
-                                 - pinned_before) / GIB if cuda else None}
-    print(f"{seq:>8,} tokens: step {trial['step_s']:6.1f}s, peak {trial['peak_alloc_gib'] or 0:.1f} GiB", flush=True)
+    if cuda:
+        trial.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / GIB,
+                     peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
+                     pinned_host_gib=(torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0) - pinned_before) / GIB)
+    print("TRIAL " + json.dumps(trial), flush=True)
     return trial
 
 
@@ -148,11 +152,12 @@ def main() -> None:
                "--max-seq", str(512 if args.smoke else args.max_seq), "--deadline", str(time.time() + share)] + (["--smoke"] if args.smoke else [])
         cmd += ["--cap-gib", str(args.cap_gib)] if args.cap_gib else []
         cmd += ["--top-down", args.top_down] if args.top_down else []
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=share + 120, env=env)
-        (out / f"longest_context-{mode}.log").write_text(proc.stdout + proc.stderr)
-        result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        log = out / f"longest_context-{mode}.log"  # written as the child goes: a killed call keeps its trials
+        with log.open("w") as sink:
+            proc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO, timeout=share + 120, env=env)
+        result = [line for line in log.read_text().splitlines() if line.startswith("RESULT ")]
         if not result:
-            print(f"FAILED {mode} rc={proc.returncode}\n{proc.stderr[-3000:]}", flush=True)
+            print(f"FAILED {mode} rc={proc.returncode}\n{log.read_text()[-3000:]}", flush=True)
             continue
         import torch
 
