@@ -6,7 +6,7 @@ logged once per process.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -29,31 +29,14 @@ class Ops:
     lora_projections: Callable
 
 
-REFERENCE_OPS = Ops(
-    name="torch",
-    rms_norm=reference.rms_norm,
-    add_rms_norm=reference.add_rms_norm,
-    apply_rope=reference.apply_rope,
-    swiglu=reference.swiglu,
-    linear_cross_entropy=reference.linear_cross_entropy,
-    lora_projections=reference.lora_projections,
-)
+def _ops_of(name: str, module) -> Ops:
+    """The module's function of each Ops field's name: kernels.reference and kernels.ops are twins."""
+    return Ops(name, **{field.name: getattr(module, field.name) for field in fields(Ops) if field.name != "name"})
+
+
+REFERENCE_OPS = _ops_of("torch", reference)
 
 _logged: set[str] = set()
-
-
-def _triton_ops() -> Ops:
-    from kernels import ops  # imports triton; only when asked for
-
-    return Ops(
-        name="triton",
-        rms_norm=ops.rms_norm,
-        add_rms_norm=ops.add_rms_norm,
-        apply_rope=ops.apply_rope,
-        swiglu=ops.swiglu,
-        linear_cross_entropy=ops.linear_cross_entropy,
-        lora_projections=ops.lora_projections,
-    )
 
 
 def resolve_ops(choice: str, device: torch.device) -> Ops:
@@ -61,7 +44,12 @@ def resolve_ops(choice: str, device: torch.device) -> Ops:
         raise ValueError(f"model.kernels={choice!r}: choose one of {', '.join(KERNEL_CHOICES)}")
     if choice == "auto":
         choice = "triton" if device.type == "cuda" else "torch"
-    ops = _triton_ops() if choice == "triton" else REFERENCE_OPS
+    if choice == "triton":
+        from kernels import ops as triton_ops  # imports triton; only when asked for
+
+        ops = _ops_of("triton", triton_ops)
+    else:
+        ops = REFERENCE_OPS
     if ops.name not in _logged:
         _logged.add(ops.name)
         log.info("kernels: %s ops on %s", ops.name, device.type)
