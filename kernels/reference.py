@@ -80,10 +80,10 @@ def linear_cross_entropy(
 
 
 def dense_weight(weight: torch.Tensor, dtype: torch.dtype | None = None, quant_state=None) -> torch.Tensor:
-    """A frozen base weight as a dense matrix: QLoRA's packed 4-bit storage dequantized with its
-    bitsandbytes `quant_state` (to `dtype`, default its compute dtype), any other weight as it is."""
+    """A frozen base weight as a dense `dtype` matrix (default: as stored, or for QLoRA's packed
+    4-bit storage, dequantized with its bitsandbytes `quant_state`, its compute dtype)."""
     if quant_state is None:
-        return weight
+        return weight if dtype is None else weight.to(dtype)
     import bitsandbytes.functional as bnb_functional  # only QLoRA models hold quantised weights
 
     return bnb_functional.dequantize_4bit(weight.data, quant_state).to(dtype or quant_state.dtype)

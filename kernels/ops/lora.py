@@ -89,7 +89,7 @@ class _LoRAProjectionsFn(torch.autograd.Function):
                     out_features = (weights[i] if quant_states[i] is None else quant_states[i]).shape[0]
                     outs.append(x2d.new_zeros(()).expand(*x.shape[:-1], out_features))
                     continue
-                w, b = dense_weight(weights[i], dtype, quant_states[i]).to(dtype), cast(biases[i])
+                w, b = dense_weight(weights[i], dtype, quant_states[i]), cast(biases[i])
                 if i in u_parts:  # the adapter's term first; the base GEMM accumulates onto it
                     lora_B = cast(lora_Bs[i]).t()
                     y = u_parts[i] @ lora_B if b is None else torch.addmm(b, u_parts[i], lora_B)
@@ -130,7 +130,7 @@ class _LoRAProjectionsFn(torch.autograd.Function):
                     dx = dropout(dx, seed, dropout_p)
                 for g, w, quant_state in zip(grads, weights, quant_states):  # the frozen projections' share
                     if g is not None:
-                        dx.addmm_(g, dense_weight(w, dtype, quant_state).to(dtype))
+                        dx.addmm_(g, dense_weight(w, dtype, quant_state))
                 dx = dx.view(x_shape).to(x_dtype)
         # no gradient for the frozen weights and biases, by contract (checked in lora_projections)
         return (dx, None, None, None, None, None, None, *[None] * (2 * n_proj), *d_lora_A, *d_lora_B)
