@@ -25,6 +25,7 @@ class Ops:
     add_rms_norm: Callable
     apply_rope: Callable
     swiglu: Callable
+    swiglu_linear: Callable
     linear_cross_entropy: Callable
     lora_projections: Callable
 

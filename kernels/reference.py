@@ -62,6 +62,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, output_read: bool = True) -> torch.Tensor:
+    """The gated MLP's down projection, swiglu(gate, up) @ weight^T. output_read=False lets the
+    fused op skip work during recomputation; here the output is computed regardless."""
+    return F.linear(swiglu(gate, up), weight)
+
+
 def linear_cross_entropy(
     hidden_ND: torch.Tensor,
     weight_VD: torch.Tensor,

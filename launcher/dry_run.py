@@ -10,7 +10,7 @@ shards over W / replicas; offloaded states count 0):
     optimizer   T x optimizer bytes / shard_optim (fsdp, hsdp, zero1-3 shard them)
     gathered    (root + 2 decoder blocks) x compute bytes, when parameters are sharded
                 (FSDP's / ZeRO-3's working set: the unit in use plus the one prefetched)
-    activations micro_batch x seq_len x L x (6h + 2 d_kv + 3 i) x compute bytes;
+    activations micro_batch x seq_len x L x (6h + 2 d_kv + m i) x compute bytes;
                 with activation checkpointing L x h per token plus one block's full set;
                 offload keeps 2 block inputs on the device (the one in use, the one
                 prefetched) instead of L; auto is planned as offload (it searches on the GPU)
@@ -19,13 +19,15 @@ param bytes are 4 (fp32, bf16_autocast) or 2 (bf16); AdamW keeps two states in t
 parameters' dtype; DeepSpeed in bf16 keeps bf16 weights and gradients and 12 bytes of
 fp32 master weight + states per trainable parameter. The activation term counts what
 each block saves for backward (norm inputs and outputs, q/k/v, attention output, the
-MLP's gate, up and product); logits are computed in chunks and left out. Add the CUDA
+MLP's gate and up: m = 2; an adapted or 4-bit down projection keeps its input, the
+SwiGLU product, too: m = 3); logits are computed in chunks and left out. Add the CUDA
 context and allocator slack (about 1-2 GiB). precision=auto is planned as
 bf16_autocast unless trainer.device=cpu.
 """
 from __future__ import annotations
 
 from omegaconf import OmegaConf
+from torch import nn
 
 from launcher.batching import BatchPlan, scaled_lr
 from launcher.compose import effective_world_size
@@ -81,7 +83,10 @@ def memory_estimate(cfg: Config, model, world_size: int) -> dict[str, float]:
     root_params = total - block_params * len(blocks)
     gathered = (root_params + 2 * block_params) * compute_bytes if shard_params > 1 else 0.0
     tokens = planned_micro_batch(cfg) * cfg.trainer.seq_len
-    per_block = 6 * c.hidden_size + 2 * c.num_key_value_heads * c.head_dim + 3 * c.intermediate_size
+    # The MLP keeps gate and up (ops.swiglu_linear); an adapted or 4-bit down projection also keeps its input.
+    dense_down = type(blocks[0].mlp.down_proj) is nn.Linear and cfg.peft.method != "qlora"
+    per_block = (6 * c.hidden_size + 2 * c.num_key_value_heads * c.head_dim
+                 + (2 if dense_down else 3) * c.intermediate_size)
     checkpointing = cfg.trainer.activation_checkpointing
     if checkpointing == "full":
         activation_elements = tokens * (c.num_hidden_layers * c.hidden_size + per_block)

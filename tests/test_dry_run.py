@@ -66,3 +66,14 @@ def test_checkpointing_modes_in_the_activation_estimate():
     assert activations("offload") == pytest.approx(one_block + tokens * 2 * hidden * 2 / GIB)
     assert activations("auto") == activations("offload")  # planned so; the GPU search may keep blocks whole
     assert activations("none") == pytest.approx(layers * one_block)
+
+
+def test_a_dense_down_projection_keeps_no_swiglu_product():
+    """Full fine-tuning keeps gate and up (ops.swiglu_linear); LoRA's adapted down projection also its input."""
+    def activations(*overrides):
+        base = ["model=llama3_1b", "trainer.micro_batch_size=8", "trainer.seq_len=2048", "trainer.precision=bf16"]
+        return dry_run(to_config(compose_config(base + list(overrides))), show=False)["memory_gib"]["activations"]
+
+    tokens, layers, hidden, kv, intermediate = 8 * 2048, 16, 2048, 8 * 64, 8192
+    assert activations() == pytest.approx(tokens * layers * (6 * hidden + 2 * kv + 2 * intermediate) * 2 / GIB)
+    assert activations("peft=lora") - activations() == pytest.approx(tokens * layers * intermediate * 2 / GIB)

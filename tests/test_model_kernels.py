@@ -6,6 +6,7 @@ same test runs compiled, in fp32 and bf16.
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -85,3 +86,58 @@ def test_torch_compile_matches_eager(checkpointing):
     torch.testing.assert_close(compiled_loss, eager_loss, **TOLERANCE[torch.float32])
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, **TOLERANCE[torch.float32], msg=name)
+
+
+def _tiny_config(**overrides) -> DecoderConfig:
+    return DecoderConfig(**{**dict(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), **overrides})
+
+
+def test_mlp_keeps_no_activation_for_backward():
+    """The MLP saves its input, gate and up: not swiglu(gate, up), which is as large as either."""
+    pytest.importorskip("triton")
+    from kernels.models.decoder import MLP
+
+    mlp = MLP(_tiny_config()).to(DEVICE)
+    x = torch.randn(2, 12, 64, device=DEVICE, requires_grad=True)
+    weights = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        mlp(x, resolve_ops("triton", DEVICE)).sum().backward()
+    tokens = 2 * 12
+    assert sum(saved.values()) == (tokens * 64 + 2 * tokens * 96) * 4
+
+
+@pytest.mark.parametrize("mode", ["full", "offload"])
+def test_recomputation_skips_the_mlp_output_it_never_reads(mode, monkeypatch):
+    """A recomputed block computes neither the SwiGLU activation nor the down projection (nothing
+    reads its output), and the gradients are those of the run that kept its activations."""
+    pytest.importorskip("triton")
+    swiglu_module = importlib.import_module("kernels.ops.swiglu")
+    config = _tiny_config()
+    torch.manual_seed(0)
+    kept = DecoderLM(config, resolve_ops("triton", DEVICE)).to(DEVICE)
+    recomputed = copy.deepcopy(kept)
+    recomputed.set_activation_checkpointing(mode)
+    activations = []
+    forward = swiglu_module._forward
+    monkeypatch.setattr(swiglu_module, "_forward", lambda *args: activations.append(1) or forward(*args))
+    input_ids = torch.randint(0, 97, (2, 12), device=DEVICE)
+    grads, counts = [], []
+    for model in (kept, recomputed):
+        activations.clear()
+        model.train()
+        loss_sum, n_tokens = model(input_ids, input_ids)
+        (loss_sum / n_tokens).backward()
+        counts.append(len(activations))
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert counts == [config.num_hidden_layers] * 2  # once a block, in the forward pass only
+    for name, grad in grads[0].items():  # on CUDA the attention backward adds in any order: not bitwise
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

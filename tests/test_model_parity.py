@@ -150,12 +150,13 @@ def test_every_fused_op_goes_through_set_ops():
 
     fields = [f.name for f in dataclasses.fields(REFERENCE_OPS) if f.name != "name"]
     spy = dataclasses.replace(REFERENCE_OPS, **{f: counted(f, getattr(REFERENCE_OPS, f)) for f in fields})
-    model = DecoderLM(tiny_config(model_type="qwen3"))
-    apply_lora(model, LoraSpec(r=2))  # adapted projections run through ops.lora_projections
-    model.set_ops(spy)
-    model(*batch())
+    plain = DecoderLM(tiny_config(model_type="qwen3"))  # dense down projections: ops.swiglu_linear
+    adapted = apply_lora(DecoderLM(tiny_config(model_type="qwen3")), LoraSpec(r=2))  # ops.lora_projections, ops.swiglu
+    for model in (plain, adapted):
+        model.set_ops(spy)
+        model(*batch())
     assert set(calls) == set(fields)
-    assert calls["apply_rope"] == TINY["num_hidden_layers"]
+    assert calls["apply_rope"] == 2 * TINY["num_hidden_layers"]
 
 
 @pytest.mark.parametrize(

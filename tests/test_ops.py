@@ -213,6 +213,43 @@ def test_swiglu_fused_gate_up_view(dtype):
     )
 
 
+def _swiglu_linear_inputs(shape, out_features, dtype, weight_dtype=None):
+    gate = _randn(*shape, dtype=dtype, scale=2.0, seed=26).requires_grad_()
+    up = _randn(*shape, dtype=dtype, seed=27).requires_grad_()
+    weight = _randn(out_features, shape[-1], dtype=weight_dtype or dtype, scale=0.1, seed=28).requires_grad_()
+    return [gate, up, weight], _randn(*shape[:-1], out_features, dtype=dtype, seed=29)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_trained", [True, False], ids=["trained", "frozen"])
+@pytest.mark.parametrize("shape,out_features", [((3, 5, 48), 37), ((2, 1100), 9)], ids=["BTD-48", "cols1100"])
+def test_swiglu_linear(shape, out_features, weight_trained, dtype):
+    inputs, upstream = _swiglu_linear_inputs(shape, out_features, dtype)
+    inputs[2].requires_grad_(weight_trained)
+    _compare(ops.swiglu_linear, reference.swiglu_linear, inputs, [upstream], dtype)
+
+
+def test_swiglu_linear_unread_output_gives_the_same_gradients():
+    """output_read=False (a checkpointed block's recomputation): a placeholder, and backward unchanged."""
+    inputs, upstream = _swiglu_linear_inputs((3, 5, 48), 37, torch.float32)
+    grads = []
+    for output_read in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = ops.swiglu_linear(*leaves, output_read=output_read)
+        grads.append(torch.autograd.grad(out, leaves, upstream))
+    assert out.shape == (3, 5, 37) and out.stride() == (0, 0, 0)
+    for read, unread in zip(*grads):
+        torch.testing.assert_close(unread, read, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 autocast needs CUDA (the interpreter's bf16 is wrong)")
+def test_swiglu_linear_under_bf16_autocast():
+    """fp32 master weight, bf16 activations: bf16 output, fp32 weight gradient, as nn.Linear gives."""
+    inputs, upstream = _swiglu_linear_inputs((4, 7, 200), 48, torch.bfloat16, weight_dtype=torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _compare(ops.swiglu_linear, reference.swiglu_linear, inputs, [upstream], torch.bfloat16)
+
+
 # --------------------------------------------------------------- linear cross-entropy
 
 N_TOK, HID, VOCAB = 37, 48, 257
@@ -345,7 +382,7 @@ def _hopper_cases():
         (rope._rope_kernel, rope_ptrs, dict(rope_blocks, TRANSPOSE=False), 8),
         (rope._rope_kernel, rope_ptrs, dict(rope_blocks, TRANSPOSE=True), 8),
         (swiglu._swiglu_fwd_kernel, dict(G=bf, U=bf, O=bf), dict(BLOCK=1024), 4),
-        (swiglu._swiglu_bwd_kernel, dict(DO=bf, G=bf, U=bf, DG=bf, DU=bf), dict(BLOCK=1024), 4),
+        (swiglu._swiglu_bwd_kernel, dict(DO=bf, G=bf, U=bf, DG=bf, DU=bf, H=bf), dict(BLOCK=1024, STORE_H=True), 4),
         (lce_module._linear_cross_entropy_fwd_kernel, dict(LOGITS=bf, LABELS="i64", LOSS=f32),
          dict(COMPUTE_GRAD=True, BLOCK_V=4096), 8),
         (lce_module._linear_cross_entropy_bwd_kernel, dict(GRAD=bf, SCALE=f32), dict(BLOCK=4096), 8),

@@ -78,7 +78,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ops: Ops, output_read: bool = True) -> torch.Tensor:
         gate, up = project(x, (self.gate_proj, self.up_proj), ops)
-        return project(ops.swiglu(gate, up), (self.down_proj,), ops, output_read)[0]
+        if type(self.down_proj) is nn.Linear:  # dense: one op, which keeps no activation for backward
+            return ops.swiglu_linear(gate, up, self.down_proj.weight, output_read)
+        return project(ops.swiglu(gate, up), (self.down_proj,), ops, output_read)[0]  # adapted or 4-bit
 
 
 class DecoderBlock(nn.Module):
@@ -89,7 +91,8 @@ class DecoderBlock(nn.Module):
     add in the model runs inside a norm kernel, forward and backward.
 
     When activation checkpointing recomputes the block (`recompute_contexts`), nothing
-    reads the MLP output: its down projection keeps only what backward needs.
+    reads the MLP output: its down projection keeps only what backward needs (a dense
+    one computes nothing at all: ops.swiglu_linear saves gate, up and the weight).
     """
 
     def __init__(self, config: DecoderConfig, ops: Ops):

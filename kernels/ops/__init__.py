@@ -9,6 +9,6 @@ from kernels.ops.linear_cross_entropy import linear_cross_entropy
 from kernels.ops.lora import lora_projections
 from kernels.ops.rms_norm import add_rms_norm, rms_norm
 from kernels.ops.rope import apply_rope
-from kernels.ops.swiglu import swiglu
+from kernels.ops.swiglu import swiglu, swiglu_linear
 
-__all__ = ["add_rms_norm", "apply_rope", "linear_cross_entropy", "lora_projections", "rms_norm", "swiglu"]
+__all__ = ["add_rms_norm", "apply_rope", "linear_cross_entropy", "lora_projections", "rms_norm", "swiglu", "swiglu_linear"]

@@ -60,3 +60,9 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     return x2d
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """What nn.Linear would compute in: the autocast dtype inside autocast, else x's dtype."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ops._utils import as_rows
+from kernels.ops._utils import as_rows, compute_dtype
 from kernels.reference import dense_weight
 
 # Elementwise over [rows, cols]: 1024 elements x 4 warps, as in swiglu.
@@ -62,17 +62,11 @@ def dropout(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     return z
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """What nn.Linear would compute in: the autocast dtype inside autocast, else x's dtype."""
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-
-
 class _LoRAProjectionsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scaling, dropout_p, seed, quant_states, outputs_read, n_proj, *params):
         weights, biases, lora_As, lora_Bs = (params[i * n_proj:(i + 1) * n_proj] for i in range(4))
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         cast = lambda t: None if t is None else t.to(dtype)
         adapted = [i for i in range(n_proj) if lora_As[i] is not None]
         ranks = [lora_As[i].shape[0] for i in adapted]
