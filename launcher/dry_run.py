@@ -8,8 +8,8 @@ shards over W / replicas; offloaded states count 0):
     weights     P x param bytes / shard_params    (qlora: the adapted layers' base weights 0.5 bytes)
     gradients   T x grad bytes / shard_grads      (fsdp, hsdp, zero2, zero3 shard them)
     optimizer   T x optimizer bytes / shard_optim (fsdp, hsdp, zero1-3 shard them)
-    gathered    (root + 2 decoder blocks) x compute bytes, when parameters are sharded
-                (FSDP's / ZeRO-3's working set: the unit in use plus the one prefetched)
+    gathered    root x param bytes + 2 decoder blocks x compute bytes, when parameters are
+                sharded (FSDP's / ZeRO-3's working set: the unit in use plus the one prefetched)
     activations micro_batch x seq_len x L x (6h + 2 d_kv + m i) x compute bytes;
                 with activation checkpointing L x h per token plus one block's full set;
                 offload keeps 2 block inputs on the device (the one in use, the one
@@ -81,7 +81,8 @@ def memory_estimate(cfg: Config, model, world_size: int) -> dict[str, float]:
     blocks = model.model.layers
     block_params = sum(p.numel() for p in blocks[0].parameters())
     root_params = total - block_params * len(blocks)
-    gathered = (root_params + 2 * block_params) * compute_bytes if shard_params > 1 else 0.0
+    # the root is gathered in the parameters' dtype (strategies/fsdp.py), the blocks in the compute dtype
+    gathered = root_params * param_bytes + 2 * block_params * compute_bytes if shard_params > 1 else 0.0
     tokens = planned_micro_batch(cfg) * cfg.trainer.seq_len
     # The MLP keeps gate and up (ops.swiglu_linear); an adapted or 4-bit down projection also keeps its input.
     dense_down = type(blocks[0].mlp.down_proj) is nn.Linear and cfg.peft.method != "qlora"
