@@ -242,6 +242,7 @@ def test_swiglu_linear_unread_output_gives_the_same_gradients():
         torch.testing.assert_close(unread, read, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 autocast needs CUDA (the interpreter's bf16 is wrong)")
 def test_swiglu_linear_under_bf16_autocast():
     """fp32 master weight, bf16 activations: bf16 output, fp32 weight gradient, as nn.Linear gives."""
