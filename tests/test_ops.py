@@ -374,14 +374,14 @@ def _hopper_cases():
     swiglu = importlib.import_module("kernels.ops.swiglu")
     bf, f32 = "bf16", "fp32"
     rms_bwd_ptrs = dict(DY=bf, X=bf, W=bf, RSTD=f32, DS=bf, DX=bf, DX2=bf, DW_PARTIAL=f32)
-    rope_ptrs = dict(X_Q=bf, X_K=bf, COS=f32, SIN=f32, O_Q=bf, O_K=bf)
+    rope_ptrs = dict(COS=f32, SIN=f32)
     rope_blocks = dict(BLOCK_HQ=32, BLOCK_HK=8, BLOCK_HALF=64)  # Llama-3-8B: 32 q heads, 8 kv heads, Dh 128
     return [
         (rms._rms_norm_fwd_kernel, dict(X=bf, R=bf, S=bf, W=bf, Y=bf, RSTD=f32),
          dict(HAS_RESIDUAL=True, BLOCK_D=4096), 8),
         (rms._rms_norm_bwd_kernel, rms_bwd_ptrs, dict(HAS_DS=True, HAS_DX2=True, COMPUTE_DW=True, BLOCK_D=4096), 8),
-        (rope._rope_kernel, rope_ptrs, dict(rope_blocks, TRANSPOSE=False), 8),
-        (rope._rope_kernel, rope_ptrs, dict(rope_blocks, TRANSPOSE=True), 8),
+        (rope._rope_fwd_kernel, dict(Q=bf, K=bf, QO=bf, KO=bf, **rope_ptrs), rope_blocks, 8),
+        (rope._rope_bwd_kernel, dict(DQO=bf, DKO=bf, DQ=bf, DK=bf, **rope_ptrs), rope_blocks, 8),
         (swiglu._swiglu_fwd_kernel, dict(G=bf, U=bf, O=bf), dict(BLOCK=1024), 4),
         (swiglu._swiglu_bwd_kernel, dict(DO=bf, G=bf, U=bf, DG=bf, DU=bf, H=bf), dict(BLOCK=1024, STORE_H=True), 4),
         (lce_module._linear_cross_entropy_fwd_kernel, dict(LOGITS=bf, LABELS="i64", LOSS=f32),

@@ -53,32 +53,47 @@ def _rope_load_table(COS, SIN, QO, b, t, sc_b, sc_t, sc_d, ss_b, ss_t, ss_d, hal
 
 
 @triton.jit
-def _rope_kernel(
-    X_Q, X_K, COS, SIN, O_Q, O_K,
+def _rope_fwd_kernel(
+    Q, K, COS, SIN, QO, KO,
     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d,
     sqo_b, sqo_t, sqo_h, sko_b, sko_t, sko_h,
     sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
     T, n_q_heads, n_k_heads, half,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, TRANSPOSE: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    # Forward: q, k -> rotated. Backward (TRANSPOSE): the same walk over the upstream
-    # gradients with the transposed rotation, (s1, s2) -> (-s2, -s1).
     pid = tl.program_id(0).to(tl.int64)
     b = pid // T
     t = pid % T
-    c1, c2, s1, s2 = _rope_load_table(COS, SIN, O_Q, b, t, sc_b, sc_t, sc_d, ss_b, ss_t, ss_d, half, BLOCK_HALF)
-    if TRANSPOSE:
-        sa, sb = -s2, -s1
-    else:
-        sa, sb = s1, s2
-    _rope_rotate_heads(X_Q, O_Q, b * sq_b + t * sq_t, b * sqo_b + t * sqo_t, sq_h, sq_d, sqo_h,
-                       n_q_heads, half, c1, c2, sa, sb, BLOCK_HQ, BLOCK_HALF)
-    _rope_rotate_heads(X_K, O_K, b * sk_b + t * sk_t, b * sko_b + t * sko_t, sk_h, sk_d, sko_h,
-                       n_k_heads, half, c1, c2, sa, sb, BLOCK_HK, BLOCK_HALF)
+    c1, c2, s1, s2 = _rope_load_table(COS, SIN, QO, b, t, sc_b, sc_t, sc_d, ss_b, ss_t, ss_d, half, BLOCK_HALF)
+    _rope_rotate_heads(Q, QO, b * sq_b + t * sq_t, b * sqo_b + t * sqo_t, sq_h, sq_d, sqo_h,
+                       n_q_heads, half, c1, c2, s1, s2, BLOCK_HQ, BLOCK_HALF)
+    _rope_rotate_heads(K, KO, b * sk_b + t * sk_t, b * sko_b + t * sko_t, sk_h, sk_d, sko_h,
+                       n_k_heads, half, c1, c2, s1, s2, BLOCK_HK, BLOCK_HALF)
 
 
-def _rope_launch(q, k, cos, sin, q_dtype, k_dtype, transpose: bool):
-    """Rotate [B, T, H, Dh] q/k (any strides), or with `transpose` their gradients; returns contiguous outputs."""
+@triton.jit
+def _rope_bwd_kernel(
+    DQO, DKO, COS, SIN, DQ, DK,
+    sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d,
+    sqo_b, sqo_t, sqo_h, sko_b, sko_t, sko_h,
+    sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
+    T, n_q_heads, n_k_heads, half,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    # Same walk as the forward over the upstream gradients, with the transposed
+    # rotation: (s1, s2) -> (-s2, -s1).
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // T
+    t = pid % T
+    c1, c2, s1, s2 = _rope_load_table(COS, SIN, DQ, b, t, sc_b, sc_t, sc_d, ss_b, ss_t, ss_d, half, BLOCK_HALF)
+    _rope_rotate_heads(DQO, DQ, b * sq_b + t * sq_t, b * sqo_b + t * sqo_t, sq_h, sq_d, sqo_h,
+                       n_q_heads, half, c1, c2, -s2, -s1, BLOCK_HQ, BLOCK_HALF)
+    _rope_rotate_heads(DKO, DK, b * sk_b + t * sk_t, b * sko_b + t * sko_t, sk_h, sk_d, sko_h,
+                       n_k_heads, half, c1, c2, -s2, -s1, BLOCK_HK, BLOCK_HALF)
+
+
+def _rope_launch(kernel, q, k, cos, sin, q_dtype, k_dtype):
+    """Run `kernel` over [B, T, H, Dh] q/k (any strides); returns contiguous outputs."""
     B, T, n_q, head_dim = q.shape
     n_k = k.shape[2]
     half = head_dim // 2
@@ -91,13 +106,13 @@ def _rope_launch(q, k, cos, sin, q_dtype, k_dtype, transpose: bool):
     # ~8 values of each half-tile per thread: 32 heads x 64 -> 8 warps, 80 registers
     # on sm_90 (4 warps needs 128 and halves occupancy for this memory-bound kernel).
     num_warps = max(1, min(16, block_hq * block_half // 256))
-    _rope_kernel[(B * T,)](
+    kernel[(B * T,)](
         q, k, cos, sin, qo, ko,
         *q.stride(), *k.stride(),
         *qo.stride()[:3], *ko.stride()[:3],
         *cos.stride(), *sin.stride(),
         T, n_q, n_k, half,
-        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, TRANSPOSE=transpose, num_warps=num_warps,
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, num_warps=num_warps,
     )
     return qo, ko
 
@@ -106,7 +121,7 @@ class _RoPEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         k_dtype = torch.promote_types(k.dtype, q.dtype)  # the reference multiplies k by q-dtype tables
-        q_out, k_out = _rope_launch(q, k, cos, sin, q.dtype, k_dtype, transpose=False)
+        q_out, k_out = _rope_launch(_rope_fwd_kernel, q, k, cos, sin, q.dtype, k_dtype)
         ctx.save_for_backward(cos, sin)
         ctx.dtypes = (q.dtype, k.dtype)
         return q_out, k_out
@@ -115,7 +130,7 @@ class _RoPEFn(torch.autograd.Function):
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors
         q_dtype, k_dtype = ctx.dtypes
-        dq, dk = _rope_launch(dq_out, dk_out, cos, sin, q_dtype, k_dtype, transpose=True)
+        dq, dk = _rope_launch(_rope_bwd_kernel, dq_out, dk_out, cos, sin, q_dtype, k_dtype)
         return dq, dk, None, None
 
 
