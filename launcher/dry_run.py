@@ -10,6 +10,8 @@ shards over W / replicas; offloaded states count 0):
     optimizer   T x optimizer bytes / shard_optim (fsdp, hsdp, zero1-3 shard them)
     gathered    root x param bytes + 2 decoder blocks x compute bytes, when parameters are
                 sharded (FSDP's / ZeRO-3's working set: the unit in use plus the one prefetched)
+    cast weights  under torch autocast: the compute-dtype copy of each plain block linear's
+                  weight that autocast keeps for backward (none where FSDP gathers in bf16)
     activations micro_batch x seq_len x L x (6h + 2 d_kv + m i) x compute bytes;
                 with activation checkpointing L x h per token plus one block's full set;
                 offload keeps 2 block inputs on the device (the one in use, the one
@@ -20,9 +22,12 @@ parameters' dtype; DeepSpeed in bf16 keeps bf16 weights and gradients and 12 byt
 fp32 master weight + states per trainable parameter. The activation term counts what
 each block saves for backward (norm inputs and outputs, q/k/v, attention output, the
 MLP's gate and up: m = 2; an adapted or 4-bit down projection keeps its input, the
-SwiGLU product, too: m = 3); logits are computed in chunks and left out. Add the CUDA
-context and allocator slack (about 1-2 GiB). precision=auto is planned as
-bf16_autocast unless trainer.device=cpu.
+SwiGLU product, too: m = 3); under torch autocast the residual stream is fp32 (the two
+norms' inputs and a checkpointed block's input take 4 bytes) and each plain q/k/v/gate/up
+keeps its own cast of the norm output (3 more h a block). Logits are computed in chunks
+and left out. tests/test_dry_run.py checks the activation and cast-weight terms against
+the bytes autograd keeps, on CPU. Add the CUDA context and allocator slack (about 1-2
+GiB). precision=auto is planned as bf16_autocast unless trainer.device=cpu.
 """
 from __future__ import annotations
 
@@ -83,28 +88,55 @@ def memory_estimate(cfg: Config, model, world_size: int) -> dict[str, float]:
     root_params = total - block_params * len(blocks)
     # the root is gathered in the parameters' dtype (strategies/fsdp.py), the blocks in the compute dtype
     gathered = root_params * param_bytes + 2 * block_params * compute_bytes if shard_params > 1 else 0.0
-    tokens = planned_micro_batch(cfg) * cfg.trainer.seq_len
-    # The MLP keeps gate and up (ops.swiglu_linear); an adapted or 4-bit down projection also keeps its input.
-    dense_down = type(blocks[0].mlp.down_proj) is nn.Linear and cfg.peft.method != "qlora"
-    per_block = (6 * c.hidden_size + 2 * c.num_key_value_heads * c.head_dim
-                 + (2 if dense_down else 3) * c.intermediate_size)
-    checkpointing = cfg.trainer.activation_checkpointing
-    if checkpointing == "full":
-        activation_elements = tokens * (c.num_hidden_layers * c.hidden_size + per_block)
-    elif checkpointing in ("offload", "auto"):
-        activation_elements = tokens * (2 * c.hidden_size + per_block)
-    else:
-        activation_elements = tokens * c.num_hidden_layers * per_block
+    # torch autocast (DeepSpeed runs its own bf16/fp16 modes instead) keeps each plain linear's cast weight
+    # for backward, unless FSDP gathered the weight in bf16 already
+    autocast = precision.endswith("_autocast") and not deepspeed
+    gathered_in_bf16 = cfg.strategy.name in ("fsdp", "hsdp") and precision == "bf16_autocast"
+    cast_weights = 0.0
+    if autocast and not gathered_in_bf16:
+        cast_weights = sum(m.weight.numel() for m in _plain_block_linears(blocks)) * compute_bytes
     parts = {
         "weights": weights,
         "gradients": trainable * param_bytes / shard_grads,
         "optimizer": optimizer,
         "gathered": gathered,
-        "activations": activation_elements * compute_bytes,
+        "cast weights": cast_weights,
+        "activations": activation_bytes(cfg, model, compute_bytes, autocast),
     }
     parts = {k: v / GIB for k, v in parts.items()}
     parts["total"] = sum(parts.values())
     return parts
+
+
+def _plain_block_linears(blocks) -> list[nn.Linear]:
+    """The blocks' projections that run as nn.Linear (not the LoRA op, 4-bit, or ops.swiglu_linear)."""
+    return [m for block in blocks for name, m in block.named_modules()
+            if type(m) is nn.Linear and not name.endswith("down_proj") and "lora_" not in name]
+
+
+def activation_bytes(cfg: Config, model, compute_bytes: int, autocast: bool) -> float:
+    """What the blocks keep for backward (module docstring), in bytes."""
+    c, blocks = model.config, model.model.layers
+    tokens = planned_micro_batch(cfg) * cfg.trainer.seq_len
+    # The MLP keeps gate and up (ops.swiglu_linear); an adapted or 4-bit down projection also keeps its input.
+    dense_down = type(blocks[0].mlp.down_proj) is nn.Linear and cfg.peft.method != "qlora"
+    per_block = (6 * c.hidden_size + 2 * c.num_key_value_heads * c.head_dim
+                 + (2 if dense_down else 3) * c.intermediate_size) * compute_bytes
+    residual_bytes = compute_bytes
+    if autocast:
+        # The residual stream stays fp32: the two norms keep fp32 inputs, a checkpointed block an fp32 input;
+        # and each plain q/k/v/gate/up keeps its own cast of the fp32 norm output (5, where 2 are counted;
+        # o_proj reads the attention output, already in the compute dtype).
+        residual_bytes = 4
+        per_block += 2 * c.hidden_size * (4 - compute_bytes)
+        casts = [m for m in _plain_block_linears(blocks[:1]) if m is not blocks[0].self_attn.o_proj]
+        per_block += max(len(casts) - 2, 0) * c.hidden_size * compute_bytes
+    checkpointing = cfg.trainer.activation_checkpointing
+    if checkpointing == "full":
+        return tokens * (c.num_hidden_layers * c.hidden_size * residual_bytes + per_block)
+    if checkpointing in ("offload", "auto"):
+        return tokens * (2 * c.hidden_size * residual_bytes + per_block)
+    return tokens * c.num_hidden_layers * per_block
 
 
 def planned_micro_batch(cfg: Config) -> int:

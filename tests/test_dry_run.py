@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from launcher.compose import compose_config, to_config
 from launcher.dry_run import GIB, build_meta_model, dry_run
@@ -58,11 +59,11 @@ def test_launch_dry_run_flag(tmp_path, monkeypatch, capsys):
 def test_checkpointing_modes_in_the_activation_estimate():
     def activations(mode):
         overrides = ["model=llama3_8b", "peft=lora", "trainer.micro_batch_size=4", "trainer.seq_len=2048",
-                     f"trainer.activation_checkpointing={mode}"]
+                     "trainer.precision=bf16", f"trainer.activation_checkpointing={mode}"]
         return dry_run(to_config(compose_config(overrides)), show=False)["memory_gib"]["activations"]
 
     tokens, layers, hidden = 4 * 2048, 32, 4096
-    one_block = activations("full") - tokens * layers * hidden * 2 / GIB  # bf16 autocast: 2 bytes an element
+    one_block = activations("full") - tokens * layers * hidden * 2 / GIB  # bf16: 2 bytes an element
     assert activations("offload") == pytest.approx(one_block + tokens * 2 * hidden * 2 / GIB)
     assert activations("auto") == activations("offload")  # planned so; the GPU search may keep blocks whole
     assert activations("none") == pytest.approx(layers * one_block)
@@ -77,3 +78,38 @@ def test_a_dense_down_projection_keeps_no_swiglu_product():
     tokens, layers, hidden, kv, intermediate = 8 * 2048, 16, 2048, 8 * 64, 8192
     assert activations() == pytest.approx(tokens * layers * (6 * hidden + 2 * kv + 2 * intermediate) * 2 / GIB)
     assert activations("peft=lora") - activations() == pytest.approx(tokens * layers * intermediate * 2 / GIB)
+
+
+@pytest.mark.parametrize("precision,peft", [("bf16", "none"), ("bf16_autocast", "none"), ("bf16_autocast", "lora")])
+def test_the_estimate_counts_what_the_blocks_keep_for_backward(precision, peft):
+    """The activation and cast-weight terms against the bytes autograd really keeps (Triton ops)."""
+    pytest.importorskip("triton")
+    from kernels.dispatch import resolve_ops
+    from kernels.models import DecoderConfig, DecoderLM
+    from kernels.models.lora import LoraSpec, apply_lora
+    from launcher.dry_run import memory_estimate
+
+    cfg = to_config(compose_config([f"trainer.precision={precision}", f"peft={peft}", "trainer.micro_batch_size=2",
+                                    "trainer.seq_len=256"]))
+    config = DecoderConfig(vocab_size=128, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = DecoderLM(config, resolve_ops("triton", torch.device("cpu")))
+    model = model.to(torch.bfloat16) if precision == "bf16" else model
+    if peft == "lora":
+        apply_lora(model, LoraSpec(r=8))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, 128, (2, 256))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
+        model(ids, ids)
+    estimate = memory_estimate(cfg, model, world_size=1)
+    assert (estimate["activations"] + estimate["cast weights"]) * GIB == pytest.approx(sum(kept.values()), rel=0.1)
