@@ -88,6 +88,7 @@ def test_the_estimate_counts_what_the_blocks_keep_for_backward(precision, peft):
     from kernels.models import DecoderConfig, DecoderLM
     from kernels.models.lora import LoraSpec, apply_lora
     from launcher.dry_run import memory_estimate
+    from test_model_kernels import bytes_kept_for_backward
 
     cfg = to_config(compose_config([f"trainer.precision={precision}", f"peft={peft}", "trainer.micro_batch_size=2",
                                     "trainer.seq_len=256"]))
@@ -98,18 +99,8 @@ def test_the_estimate_counts_what_the_blocks_keep_for_backward(precision, peft):
     model = model.to(torch.bfloat16) if precision == "bf16" else model
     if peft == "lora":
         apply_lora(model, LoraSpec(r=8))
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     ids = torch.randint(0, 128, (2, 256))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
-        model(ids, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
+        kept = bytes_kept_for_backward(model, lambda: model(ids, ids))
     estimate = memory_estimate(cfg, model, world_size=1)
-    assert (estimate["activations"] + estimate["cast weights"]) * GIB == pytest.approx(sum(kept.values()), rel=0.1)
+    assert (estimate["activations"] + estimate["cast weights"]) * GIB == pytest.approx(kept, rel=0.1)

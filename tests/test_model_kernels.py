@@ -93,6 +93,22 @@ def _tiny_config(**overrides) -> DecoderConfig:
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), **overrides})
 
 
+def bytes_kept_for_backward(module, forward) -> int:
+    """What autograd keeps from `forward()` for backward, in bytes: each storage once, the module's parameters left out."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(kept.values())
+
+
 def test_mlp_keeps_no_activation_for_backward():
     """The MLP saves its input, gate and up: not swiglu(gate, up), which is as large as either."""
     pytest.importorskip("triton")
@@ -100,19 +116,9 @@ def test_mlp_keeps_no_activation_for_backward():
 
     mlp = MLP(_tiny_config()).to(DEVICE)
     x = torch.randn(2, 12, 64, device=DEVICE, requires_grad=True)
-    weights = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        mlp(x, resolve_ops("triton", DEVICE)).sum().backward()
+    kept = bytes_kept_for_backward(mlp, lambda: mlp(x, resolve_ops("triton", DEVICE)))
     tokens = 2 * 12
-    assert sum(saved.values()) == (tokens * 64 + 2 * tokens * 96) * 4
+    assert kept == (tokens * 64 + 2 * tokens * 96) * 4
 
 
 @pytest.mark.parametrize("mode", ["full", "offload"])
