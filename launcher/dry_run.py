@@ -94,7 +94,7 @@ def memory_estimate(cfg: Config, model, world_size: int) -> dict[str, float]:
     gathered_in_bf16 = cfg.strategy.name in ("fsdp", "hsdp") and precision == "bf16_autocast"
     cast_weights = 0.0
     if autocast and not gathered_in_bf16:
-        cast_weights = sum(m.weight.numel() for m in _plain_block_linears(blocks)) * compute_bytes
+        cast_weights = len(blocks) * sum(m.weight.numel() for m in _plain_linears(cfg, blocks[0])) * compute_bytes
     parts = {
         "weights": weights,
         "gradients": trainable * param_bytes / shard_grads,
@@ -108,10 +108,15 @@ def memory_estimate(cfg: Config, model, world_size: int) -> dict[str, float]:
     return parts
 
 
-def _plain_block_linears(blocks) -> list[nn.Linear]:
-    """The blocks' projections that run as nn.Linear (not the LoRA op, 4-bit, or ops.swiglu_linear)."""
-    return [m for block in blocks for name, m in block.named_modules()
-            if type(m) is nn.Linear and not name.endswith("down_proj") and "lora_" not in name]
+def _plain_linears(cfg: Config, block) -> list[nn.Linear]:
+    """A block's q/k/v/o/gate/up projections that run as nn.Linear: not adapted (the LoRA op) and not
+    4-bit (QLoRA quantises every block linear; the meta model is not quantised). The down projection
+    never does: dense, it is part of ops.swiglu_linear."""
+    if cfg.peft.method == "qlora":
+        return []
+    attn, mlp = block.self_attn, block.mlp
+    return [m for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj)
+            if type(m) is nn.Linear]
 
 
 def activation_bytes(cfg: Config, model, compute_bytes: int, autocast: bool) -> float:
@@ -129,7 +134,7 @@ def activation_bytes(cfg: Config, model, compute_bytes: int, autocast: bool) -> 
         # o_proj reads the attention output, already in the compute dtype).
         residual_bytes = 4
         per_block += 2 * c.hidden_size * (4 - compute_bytes)
-        casts = [m for m in _plain_block_linears(blocks[:1]) if m is not blocks[0].self_attn.o_proj]
+        casts = [m for m in _plain_linears(cfg, blocks[0]) if m is not blocks[0].self_attn.o_proj]
         per_block += max(len(casts) - 2, 0) * c.hidden_size * compute_bytes
     checkpointing = cfg.trainer.activation_checkpointing
     if checkpointing == "full":
